@@ -1,0 +1,32 @@
+# The two README commands. Each bootstraps .venv on a machine that has only
+# Python >= 3.11 and pip, then runs.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+
+.PHONY: demo test bench clean
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+$(VENV)/.data: pyproject.toml | $(VENV)/bin/python
+	$(PY) -m pip install --quiet -e ".[data]"
+	touch $@
+
+$(VENV)/.test: pyproject.toml | $(VENV)/bin/python
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $@ $(VENV)/.data
+
+demo: $(VENV)/.data
+	$(VENV)/bin/fedjax-pfl demo
+
+test: $(VENV)/.test
+	$(PY) -m pytest -q -n 2 --durations=15
+
+bench: $(VENV)/.test
+	$(PY) -m pip install --quiet -e ".[bench]"
+	$(PY) benchmarks/round_speed.py --repeats 3
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -1,0 +1,82 @@
+"""Local: every client trains its own model and nothing is communicated.
+
+The lower reference point of personalized FL: client i's model is trained only
+on its own data, for the same local schedule as the federated methods, in the
+rounds where it is in the cohort. All clients start from the same init.
+State: per-client params stacked [M, ...].
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from fedjax_pfl.core import algorithm, execution as ex, local, sampling
+from fedjax_pfl.core.algorithm import FederatedAlgorithm
+from fedjax_pfl.models.model import Model
+
+
+@struct.dataclass
+class LocalState:
+    """Attributes:
+      round: int32 scalar.
+      client_params: every client's model, leaves [M, ...].
+      hparams: traced scalars: client_lr.
+    """
+
+    round: jax.Array
+    client_params: object
+    hparams: dict
+
+
+def local_only(
+    model: Model,
+    *,
+    clients_per_round: int | None = None,
+    batch_size: int = 32,
+    local_steps: int | None = None,
+    local_epochs: int | None = None,
+    client_optimizer: local.OptimizerSpec = "sgd",
+    client_lr: float = 0.05,
+    execution: str | ex.Execution = "vmap",
+) -> FederatedAlgorithm:
+    """Local training only (no communication); arguments as for `fedavg`."""
+    algorithm.check_cohort_size(clients_per_round)
+    algorithm.check_number("client_lr", client_lr)
+    schedule = local.LocalSchedule(batch_size, local_steps, local_epochs, client_optimizer)
+    execution = ex.as_execution(execution)
+    loss_fn = local.model_loss_fn(model)
+
+    def init(key, train):
+        algorithm.check_train(train, clients_per_round)
+        params = model.init(key)
+        stacked = jax.tree.map(lambda a: jnp.broadcast_to(a, (train.num_clients,) + a.shape), params)
+        return LocalState(jnp.zeros((), jnp.int32), stacked, algorithm.hparams(client_lr=client_lr))
+
+    def client_update(hp, x):
+        params, data, key = x
+        result = schedule.train(loss_fn, params, data, key, hp["client_lr"])
+        return (result.params, result.mean_loss()), ()
+
+    def round_fn(state, train, key):
+        algorithm.check_train(train, clients_per_round)
+        algorithm.check_same_clients(jax.tree.leaves(state.client_params)[0].shape[0], train, "train")
+        sample_key, client_key = sampling.round_keys(key)
+        ids = sampling.sample_cohort(sample_key, train.num_clients, clients_per_round)
+        cohort = train.take(ids)
+        keys = sampling.client_keys(client_key, ids)
+        (params, losses), _ = ex.map_reduce(
+            client_update, state.hparams,
+            (sampling.take(state.client_params, ids), cohort, keys), execution)
+        n = cohort.num_examples.astype(jnp.float32)
+        metrics = {"train_loss": jnp.sum(n * losses) / jnp.maximum(jnp.sum(n), 1.0)}
+        client_params = sampling.put(state.client_params, ids, params)
+        return state.replace(round=state.round + 1, client_params=client_params), metrics
+
+    def evaluate(state, train, test):
+        del train
+        return ex.map_clients(lambda _, x: local.evaluate_client(model, *x), (),
+                              (state.client_params, test), execution)
+
+    return FederatedAlgorithm(init, round_fn, evaluate)

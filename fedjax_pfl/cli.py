@@ -1,0 +1,335 @@
+"""The `fedjax-pfl` command line: `run`, `demo` and `list`.
+
+Examples:
+  fedjax-pfl list
+  fedjax-pfl demo
+  fedjax-pfl run --algorithm fedavg --dataset digits --partition dirichlet --alpha 0.5 \\
+      --clients 20 --rounds 50 --eval-every 5 --set client_lr=0.05 --set local_epochs=2
+  fedjax-pfl run --config cfg.toml --rounds 10
+
+A config file is TOML with a `[run]` table (the run options, named like the
+flags with underscores: algorithm, dataset, rounds, eval_every, ...) and an
+`[algorithm]` table (keyword arguments of the algorithm factory, like `--set`).
+Flags override the file. Set FEDJAX_PFL_DEBUG=1 to get tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import inspect
+import json
+import os
+import sys
+import time
+
+# name: (type, default, help). JAX-using modules are imported lazily, so that
+# `--devices` can configure JAX before its backends start.
+RUN_OPTIONS = {
+    "algorithm": (str, "fedavg", "a name from `fedjax-pfl list`"),
+    "dataset": (str, "digits", "a name from `fedjax-pfl list`"),
+    "partition": (str, "dirichlet", "how pooled data is split among clients"),
+    "alpha": (float, None, "Dirichlet concentration (default: 0.5) or synthetic alpha (1.0)"),
+    "beta": (float, None, "synthetic beta (default: 1.0)"),
+    "classes_per_client": (int, None, "classes per client of 'pathological' (default: 2)"),
+    "train_fraction": (float, 0.75, "per-client training fraction"),
+    "clients": (int, 20, "number of clients"),
+    "rounds": (int, 50, "communication rounds"),
+    "eval_every": (int, 5, "rounds between evaluations"),
+    "seed": (int, 0, "seed of the data split and of the run"),
+    "model": (str, "mlp", "logreg, mlp or cnn"),
+    "execution": (str, "vmap", "client-axis strategy: vmap, chunked or sharded"),
+    "chunk_size": (int, None, "clients per chunk (chunked: default 64; sharded: optional)"),
+    "devices": (int, None, "split the host CPU into N JAX devices (for sharded)"),
+    "out": (str, None, "results directory (default: results/<algorithm>-<dataset>-<time>)"),
+}
+MINIMUM = {"clients": 1, "rounds": 0, "eval_every": 1, "seed": 0, "chunk_size": 1, "devices": 1}
+DEMO_ALGORITHMS = ("fedavg", "fedavg_ft", "local", "fedprox")
+DEMO_HPARAMS = {"client_lr": 0.1, "local_epochs": 2}
+SUMMARY_KEYS = ("acc_weighted", "acc_mean", "acc_std", "acc_min", "acc_p10", "acc_p50",
+                "acc_p90", "acc_jain")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage dump
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def parse_value(text: str):
+    """Parses a `--set` value: None/null, true/false, int, float, JSON list, else str."""
+    low = text.strip().lower()
+    if low in ("none", "null"):
+        return None
+    if low in ("true", "false"):
+        return low == "true"
+    for convert in (int, float):
+        try:
+            return convert(text)
+        except ValueError:
+            pass
+    if text.strip()[:1] in ("[", "{"):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--set: cannot parse {text!r} as JSON: {e}") from e
+    return text
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="fedjax-pfl", description=__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    run = sub.add_parser("run", help="run one algorithm and write a results directory")
+    for name, (kind, default, text) in RUN_OPTIONS.items():
+        metavar = "DIR" if name == "out" else {int: "N", float: "X"}.get(kind, "NAME")
+        run.add_argument("--" + name.replace("_", "-"), type=kind, default=None, metavar=metavar,
+                         help=text if default is None else f"{text} (default: {default})")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="an algorithm factory keyword argument (repeatable)")
+    run.add_argument("--config", metavar="FILE", help="TOML file: [run] and [algorithm] tables")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    demo = sub.add_parser("demo", help="compare fedavg, fedavg_ft, local and fedprox on digits")
+    demo.add_argument("--rounds", type=int, default=30, help="rounds per algorithm (default 30)")
+    demo.add_argument("--out", help="also save each run under OUT/<algorithm>")
+    sub.add_parser("list", help="list algorithms, datasets, partitions and models")
+    return parser
+
+
+def _load_config(path: str) -> tuple[dict, dict]:
+    try:
+        import tomllib
+    except ImportError as e:  # Python 3.10
+        raise ImportError("--config needs Python >= 3.11 (tomllib).") from e
+    try:
+        with open(path, "rb") as f:
+            blob = tomllib.load(f)
+    except OSError as e:
+        raise ValueError(f"config: cannot read {path}: {e.strerror or e}") from e
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"config: {path}: invalid TOML: {e}") from e
+    extra = set(blob) - {"run", "algorithm"}
+    if extra or not all(isinstance(blob.get(t, {}), dict) for t in ("run", "algorithm")):
+        raise ValueError(f"config: {path}: expected only [run] and [algorithm] tables, "
+                         f"got {sorted(blob)}.")
+    return blob.get("run", {}), blob.get("algorithm", {})
+
+
+def _resolve(args) -> tuple[dict, dict]:
+    """Run options and factory kwargs: defaults < config file < flags."""
+    file_run, file_algo = _load_config(args.config) if args.config else ({}, {})
+    unknown = set(file_run) - set(RUN_OPTIONS)
+    if unknown:
+        raise ValueError(f"config: unknown [run] keys {sorted(unknown)}; expected some of "
+                         f"{list(RUN_OPTIONS)}.")
+    cfg = {name: spec[1] for name, spec in RUN_OPTIONS.items()}
+    cfg.update(file_run)
+    cfg.update({k: v for k, v in vars(args).items() if k in RUN_OPTIONS and v is not None})
+    for name, (kind, _, _) in RUN_OPTIONS.items():
+        v = cfg[name]
+        if kind is float and isinstance(v, int) and not isinstance(v, bool):
+            cfg[name] = v = float(v)
+        if v is not None and (type(v) is not kind):
+            raise ValueError(f"{name}: expected {kind.__name__}, got {v!r}.")
+        if v is not None and name in MINIMUM and v < MINIMUM[name]:
+            raise ValueError(f"{name}: expected an int >= {MINIMUM[name]}, got {v}.")
+    algo = dict(file_algo)
+    for item in args.set:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set: expected KEY=VALUE, got {item!r}.")
+        algo[key.strip()] = parse_value(text)
+    return cfg, algo
+
+
+def accepted_kwargs(factory) -> set[str]:
+    """Keyword arguments `factory(model, **kw)` accepts (**kwargs forward to fedavg)."""
+    from fedjax_pfl.algorithms import fedavg
+
+    params = inspect.signature(factory).parameters
+    names = {n for n, p in params.items()
+             if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)} - {"model"}
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()) and factory is not fedavg:
+        names |= accepted_kwargs(fedavg)
+    return names
+
+
+def _dataset_kwargs(cfg: dict) -> dict:
+    """Dataset options that apply to the chosen dataset/partition (defaults filled in cfg)."""
+    synthetic, part = cfg["dataset"] == "synthetic", cfg["partition"]
+    applies = {"alpha": synthetic or part == "dirichlet", "beta": synthetic,
+               "classes_per_client": not synthetic and part == "pathological"}
+    defaults = {"alpha": 1.0 if synthetic else 0.5, "beta": 1.0, "classes_per_client": 2}
+    kwargs = {}
+    for name, ok in applies.items():
+        if not ok and cfg[name] is not None:
+            raise ValueError(f"{name}: does not apply to dataset {cfg['dataset']!r} with "
+                             f"partition {part!r}.")
+        if ok:
+            kwargs[name] = cfg[name] = defaults[name] if cfg[name] is None else cfg[name]
+    return kwargs
+
+
+def _build(cfg: dict, algo_kwargs: dict):
+    """(algorithm, train, test, info) for resolved options; validates names first."""
+    import fedjax_pfl as fp
+    from fedjax_pfl.core.execution import STRATEGIES
+
+    for kind, registry in (("algorithm", fp.ALGORITHMS), ("dataset", fp.data.DATASETS),
+                           ("partition", fp.data.PARTITIONS), ("model", fp.models.MODELS),
+                           ("execution", STRATEGIES)):
+        if cfg[kind] not in registry:
+            raise ValueError(f"{kind}: unknown {kind} {cfg[kind]!r}; expected one of "
+                             f"{sorted(registry)}.")
+    factory = fp.ALGORITHMS[cfg["algorithm"]]
+    accepted = accepted_kwargs(factory)
+    for key in algo_kwargs:
+        if key == "execution":
+            raise ValueError("execution: set it with --execution/--chunk-size ([run] table).")
+        if key not in accepted:
+            raise ValueError(f"--set/[algorithm]: {cfg['algorithm']} has no option {key!r}; "
+                             f"it accepts {sorted(accepted - {'execution'})}.")
+    kwargs = dict(algo_kwargs)
+    if cfg["execution"] != "vmap" or cfg["chunk_size"] is not None:
+        if "execution" not in accepted:
+            raise ValueError(f"execution: {cfg['algorithm']} does not take an execution.")
+        chunk = cfg["chunk_size"] or (64 if cfg["execution"] == "chunked" else None)
+        kwargs["execution"] = fp.Execution(cfg["execution"], chunk_size=chunk)
+    if cfg["devices"]:
+        try:
+            fp.use_cpu_devices(cfg["devices"])
+        except RuntimeError as e:
+            raise RuntimeError(f"devices: JAX is already initialised in this process ({e})") from e
+    train, test, info = fp.data.federated_dataset(
+        cfg["dataset"], num_clients=cfg["clients"], partition=cfg["partition"], seed=cfg["seed"],
+        train_fraction=cfg["train_fraction"], image=cfg["model"] == "cnn",
+        **_dataset_kwargs(cfg))
+    model = fp.models.MODELS[cfg["model"]](info["input_shape"], info["num_classes"])
+    return factory(model, **kwargs), train, test, info
+
+
+def _table(rows: list[dict], columns: list[str]) -> str:
+    def fmt(v):
+        return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+    cells = [columns] + [[fmt(r.get(c, "-")) for c in columns] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    return "\n".join("  ".join(c.rjust(w) if i else c.ljust(w)
+                               for i, (c, w) in enumerate(zip(row, widths))) for row in cells)
+
+
+def _summary(result) -> list[dict]:
+    final = result.final()
+    best = max(result.evals, key=lambda e: e["acc_weighted"])
+    names = ["weighted", "unweighted mean", "std", "min", "p10", "p50", "p90"]
+    rows = [{"metric": f"accuracy {n}", "value": final[k]} for n, k in zip(names, SUMMARY_KEYS)]
+    rows.append({"metric": "Jain index (accuracy)", "value": final["acc_jain"]})
+    rows.append({"metric": "best round (weighted acc)",
+                 "value": f"{best['round']} ({best['acc_weighted']:.4f})"})
+    return rows
+
+
+def _execute(cfg: dict, algo_kwargs: dict, out: str | None, progress: bool):
+    """Builds and runs one configuration, saving it under `out` (also when it diverges).
+
+    Returns:
+      (result, wall seconds of `simulate`).
+    """
+    algorithm, train, test, info = _build(cfg, algo_kwargs)
+    from fedjax_pfl import TrainingDiverged, __version__, simulate
+
+    config = {"run": {**cfg, "out": out}, "algorithm": algo_kwargs, "version": __version__,
+              "data": {k: info[k] for k in ("num_classes", "input_shape", "partition")} | {
+                  "train_examples": int(info["train_sizes"].sum()),
+                  "test_examples": int(info["test_sizes"].sum())}}
+    print(f"{cfg['algorithm']} on {cfg['dataset']} ({info['partition']}, {cfg['clients']} "
+          f"clients, {cfg['model']}, {algo_kwargs}): {cfg['rounds']} rounds", flush=True)
+    t0 = time.perf_counter()
+    try:
+        result = simulate(algorithm, train, test, rounds=cfg["rounds"],
+                          eval_every=cfg["eval_every"], seed=cfg["seed"], progress=progress)
+    except TrainingDiverged as e:
+        if progress:  # the unfinished progress bar
+            print(file=sys.stderr)
+        if not out:
+            raise
+        e.result.save(out, {**config, "diverged": str(e)})
+        raise TrainingDiverged(f"{e} Partial results: {out}", e.result) from e
+    if out:
+        result.save(out, config)
+    return result, time.perf_counter() - t0
+
+
+def _cmd_run(args) -> int:
+    cfg, algo_kwargs = _resolve(args)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = cfg["out"] or os.path.join("results", f"{cfg['algorithm']}-{cfg['dataset']}-{stamp}")
+    result, seconds = _execute(cfg, algo_kwargs, out, progress=not args.quiet)
+    losses = {h["round"]: h["train_loss"] for h in result.history}
+    rows = [{**e, "train_loss": losses.get(e["round"], "-")} for e in result.evals]
+    print(_table(rows, ["round", "train_loss", "acc_weighted", "acc_mean", "acc_min"]) + "\n")
+    print(_table(_summary(result), ["metric", "value"]))
+    print(f"\n{seconds:.1f} s; results in {out}")
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    if args.rounds < 0:
+        raise ValueError(f"rounds: expected an int >= 0, got {args.rounds}.")
+    rows = []
+    for name in DEMO_ALGORITHMS:
+        cfg = {k: spec[1] for k, spec in RUN_OPTIONS.items()}
+        cfg.update(algorithm=name, rounds=args.rounds, eval_every=max(1, min(5, args.rounds)))
+        out = os.path.join(args.out, name) if args.out else None
+        result, seconds = _execute(cfg, DEMO_HPARAMS, out, progress=False)
+        final = result.final()
+        rows.append({"algorithm": name, **{k[4:]: final[k] for k in SUMMARY_KEYS},
+                     "train_loss": result.history[-1]["train_loss"] if result.history else "-",
+                     "seconds": f"{seconds:.1f}"})
+    print()
+    print(_table(rows, ["algorithm", "weighted", "mean", "std", "min", "p10", "p90", "jain",
+                        "train_loss", "seconds"]))
+    return 0
+
+
+def _cmd_list(args) -> int:
+    import fedjax_pfl as fp
+
+    for title, registry in (("Algorithms", fp.ALGORITHMS), ("Datasets", fp.data.DATASETS),
+                            ("Partitions", fp.data.PARTITIONS), ("Models", fp.models.MODELS)):
+        print(f"{title}:")
+        width = max(map(len, registry))
+        for name, obj in registry.items():
+            print(f"  {name.ljust(width)}  {(inspect.getdoc(obj) or '').partition(chr(10))[0]}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `fedjax-pfl`; returns the exit status.
+
+    Args:
+      argv: the arguments (default: `sys.argv[1:]`).
+    """
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as e:  # --help, or a usage error already printed
+        return e.code if isinstance(e.code, int) else 0
+    command = {"run": _cmd_run, "demo": _cmd_demo, "list": _cmd_list}[args.command]
+    try:
+        return command(args)
+    except BrokenPipeError:  # e.g. `fedjax-pfl list | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except (ValueError, TypeError, KeyError, ImportError, OSError, RuntimeError,
+            FloatingPointError) as e:  # FloatingPointError: TrainingDiverged
+        if os.environ.get("FEDJAX_PFL_DEBUG"):
+            raise
+        message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        print(f"fedjax-pfl: error: {' '.join(str(message).split())}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("fedjax-pfl: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""How the client axis runs: `vmap`, `chunked` or `sharded`.
+
+Every strategy evaluates the same per-client function and agrees with the
+others to float tolerance:
+
+* `vmap`: all S clients in one vectorized computation (fastest for small S);
+* `chunked`: a `lax.scan` over chunks of `chunk_size` clients, vmapped
+  inside, with a running sum for reductions: the working set stays in cache
+  and temporary memory is O(chunk) instead of O(S);
+* `sharded`: the client axis is split over a 1-D device mesh with axis
+  `clients` (`shard_map`); each device runs `vmap` (or `chunked` when
+  `chunk_size` is set) on its block and reductions become a `psum`. On CPU,
+  several host devices come from `jax_num_cpu_devices` (see
+  `fedjax_pfl.use_cpu_devices`).
+
+When S does not divide evenly, zero rows are appended (empty clients) and their
+outputs are dropped and excluded from sums.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+STRATEGIES = ("vmap", "chunked", "sharded")
+AXIS = "clients"
+
+
+@dataclasses.dataclass(frozen=True)
+class Execution:
+    """A client-axis execution strategy (static configuration).
+
+    Attributes:
+      strategy: "vmap", "chunked" or "sharded".
+      chunk_size: clients per chunk ("chunked", required) or per chunk inside
+        each device's block ("sharded", optional).
+      mesh: the 1-D mesh with axis "clients" for "sharded" (default: every
+        device).
+    """
+
+    strategy: str = "vmap"
+    chunk_size: int | None = None
+    mesh: Mesh | None = None
+
+    def __post_init__(self):
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"execution: strategy must be one of {STRATEGIES}, "
+                             f"got {self.strategy!r}.")
+        if self.chunk_size is not None and not (isinstance(self.chunk_size, int)
+                                                and self.chunk_size >= 1):
+            raise ValueError(f"execution: chunk_size must be an int >= 1, got {self.chunk_size!r}.")
+        if self.strategy == "chunked" and self.chunk_size is None:
+            raise ValueError("execution: strategy 'chunked' needs chunk_size (e.g. 64).")
+        if self.mesh is not None and tuple(self.mesh.axis_names) != (AXIS,):
+            raise ValueError(f"execution: mesh must have the single axis {AXIS!r}, "
+                             f"got {self.mesh.axis_names}.")
+
+
+def as_execution(spec: "str | Execution") -> Execution:
+    """`Execution` from a strategy name ("chunked" gets chunk_size 64) or itself."""
+    if isinstance(spec, Execution):
+        return spec
+    if spec == "chunked":
+        return Execution("chunked", chunk_size=64)
+    return Execution(spec)
+
+
+def client_mesh(devices=None) -> Mesh:
+    """A 1-D mesh with axis "clients" over `devices` (default: all)."""
+    devices = jax.devices() if devices is None else devices
+    return Mesh(np.asarray(devices), (AXIS,))
+
+
+def shard_clients(tree, mesh: Mesh | None = None):
+    """Places every leaf's leading (client) axis on the "clients" mesh axis.
+
+    The leading size must be divisible by the number of devices (pad with
+    `ClientData.pad_clients` otherwise).
+    """
+    mesh = client_mesh() if mesh is None else mesh
+    return jax.device_put(tree, NamedSharding(mesh, P(AXIS)))
+
+
+def _pad_rows(tree, multiple: int):
+    size = jax.tree.leaves(tree)[0].shape[0]
+    extra = -size % multiple
+    padded = jax.tree.map(lambda a: jnp.concatenate([a, jnp.zeros((extra,) + a.shape[1:], a.dtype)]),
+                          tree) if extra else tree
+    return padded, jnp.arange(size + extra) < size
+
+
+def _vmap_reduce(fn, broadcast, xs, valid):
+    ys, zs = jax.vmap(fn, in_axes=(None, 0))(broadcast, xs)
+    mask = lambda z: jnp.where(valid.reshape((-1,) + (1,) * (z.ndim - 1)), z, jnp.zeros_like(z))
+    return ys, jax.tree.map(lambda z: jnp.sum(mask(z), axis=0), zs)
+
+
+def _chunked_reduce(fn, broadcast, xs, valid, chunk: int, varying: bool = False):
+    size = valid.shape[0]
+    split = lambda a: a.reshape((size // chunk, chunk) + a.shape[1:])
+    xs_c, valid_c = jax.tree.map(split, xs), split(valid)
+    z_shape = jax.eval_shape(lambda b, x: fn(b, x)[1], broadcast,
+                             jax.tree.map(lambda a: a[0], xs))
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), z_shape)
+    if varying:  # inside shard_map the running sum differs per device
+        zeros = jax.tree.map(lambda a: jax.lax.pcast(a, AXIS, to="varying"), zeros)
+
+    def body(total, chunk_xs):
+        ys, zs = _vmap_reduce(fn, broadcast, *chunk_xs)
+        return jax.tree.map(jnp.add, total, zs), ys
+
+    total, ys = jax.lax.scan(body, zeros, (xs_c, valid_c))
+    return jax.tree.map(lambda a: a.reshape((size,) + a.shape[2:]), ys), total
+
+
+def map_reduce(fn: Callable, broadcast, xs, execution: Execution):
+    """Maps `fn` over the leading client axis of `xs` and sums part of its output.
+
+    Args:
+      fn: `fn(broadcast, x) -> (y, z)` for ONE client; `y` is kept per client,
+        `z` is summed over clients.
+      broadcast: a pytree shared by all clients (e.g. server params).
+      xs: a pytree with leaves [S, ...].
+      execution: the strategy.
+
+    Returns:
+      (ys with leaves [S, ...], sum over clients of z).
+    """
+    size = jax.tree.leaves(xs)[0].shape[0]
+    chunk = execution.chunk_size
+    if execution.strategy == "vmap":
+        return _vmap_reduce(fn, broadcast, xs, jnp.ones((size,), bool))
+    if execution.strategy == "chunked":
+        xs_p, valid = _pad_rows(xs, min(chunk, size))
+        ys, total = _chunked_reduce(fn, broadcast, xs_p, valid, min(chunk, size))
+        return jax.tree.map(lambda a: a[:size], ys), total
+
+    mesh = execution.mesh or client_mesh()
+    devices = mesh.devices.size
+    block = -(-size // devices)
+    chunk = min(chunk or block, block)
+    xs_p, valid = _pad_rows(xs, devices * chunk)
+
+    def per_device(b, x, v):
+        # Replicated inputs must be marked device-varying, or differentiating
+        # through them inside shard_map would psum per-client gradients.
+        b = jax.tree.map(lambda a: jax.lax.pcast(a, AXIS, to="varying"), b)
+        if chunk == v.shape[0]:
+            ys, zs = _vmap_reduce(fn, b, x, v)
+        else:
+            ys, zs = _chunked_reduce(fn, b, x, v, chunk, varying=True)
+        return ys, jax.tree.map(lambda z: jax.lax.psum(z, AXIS), zs)
+
+    ys, total = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(AXIS), P(AXIS)),
+                              out_specs=(P(AXIS), P()))(broadcast, xs_p, valid)
+    return jax.tree.map(lambda a: a[:size], ys), total
+
+
+def map_clients(fn: Callable, broadcast, xs, execution: Execution):
+    """`fn(broadcast, x) -> y` mapped over the client axis: leaves [S, ...]."""
+    return map_reduce(lambda b, x: (fn(b, x), ()), broadcast, xs, execution)[0]

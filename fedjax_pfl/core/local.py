@@ -1,0 +1,230 @@
+"""Local training and evaluation of ONE client (the engine vmaps them).
+
+Two batching modes, both with shapes fixed by (N, B, T):
+
+* step mode (`local_steps=T`): T minibatches of B indices drawn uniformly
+  with replacement in [0, n_i), so padding rows are never touched;
+* epoch mode (`local_epochs=E`): each epoch is a fresh permutation of the
+  client's n_i valid rows cut into ceil(N / B) batches; batches past
+  ceil(n_i / B) are empty and their steps are masked (no-ops, optimizer state
+  included), and a partial last batch is averaged over its valid rows.
+
+A client with 0 examples is a no-op in both modes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fedjax_pfl.data.client_data import ClientData
+from fedjax_pfl.models.model import Model
+
+OptimizerSpec = str | Callable[[float], optax.GradientTransformation] | optax.GradientTransformation
+
+
+class LocalResult(NamedTuple):
+    """Outcome of `local_train` for one client.
+
+    Attributes:
+      params: the trained params.
+      losses: [T] mean data loss of each step's minibatch (0 on empty steps).
+      counts: [T] number of valid examples in each step's minibatch.
+    """
+
+    params: object
+    losses: jax.Array
+    counts: jax.Array
+
+    def mean_loss(self, last_steps: int | None = None) -> jax.Array:
+        """Example-weighted mean training loss (over the last `last_steps` steps)."""
+        losses, counts = self.losses, self.counts
+        if last_steps is not None:
+            losses, counts = losses[-last_steps:], counts[-last_steps:]
+        return jnp.sum(losses * counts) / jnp.maximum(jnp.sum(counts), 1.0)
+
+
+def make_optimizer(spec: OptimizerSpec, learning_rate) -> optax.GradientTransformation:
+    """An optax optimizer from a name ("sgd", "adam", ...), a factory `lr -> opt`, or itself.
+
+    A ready `GradientTransformation` keeps its own learning rate; the other
+    forms take `learning_rate`, which may be a traced scalar (for sweeps).
+    """
+    if isinstance(spec, optax.GradientTransformation):
+        return spec
+    if isinstance(spec, str):
+        return getattr(optax, spec)(learning_rate=learning_rate)
+    return spec(learning_rate)
+
+
+def check_optimizer(name: str, spec: OptimizerSpec) -> None:
+    """Raises ValueError (naming `name`) unless `spec` builds an optax optimizer."""
+    if isinstance(spec, str) and not callable(getattr(optax, spec, None)):
+        raise ValueError(f"{name}: {spec!r} is not an optax optimizer name (e.g. 'sgd', 'adam').")
+    try:
+        opt = make_optimizer(spec, 0.1)
+    except Exception as e:  # noqa: BLE001 - reported with the argument's name
+        raise ValueError(f"{name}: could not build an optax optimizer from {spec!r}: {e}") from e
+    if not isinstance(opt, optax.GradientTransformation):
+        raise ValueError(f"{name}: expected an optax GradientTransformation, got {type(opt)}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalSchedule:
+    """How a client trains locally: batching and optimizer (static configuration).
+
+    Attributes:
+      batch_size: B.
+      local_steps: T minibatch steps (step mode), or None.
+      local_epochs: E epochs (epoch mode), or None. With neither set: one epoch.
+      optimizer: an optax optimizer name, a factory `lr -> optimizer`, or a
+        ready `optax.GradientTransformation` (which keeps its own lr).
+      prefix: prepended to argument names in error messages (e.g. "ft_").
+    """
+
+    batch_size: int = 32
+    local_steps: int | None = None
+    local_epochs: int | None = None
+    optimizer: OptimizerSpec = "sgd"
+    prefix: str = ""
+
+    def __post_init__(self):
+        p = self.prefix
+        if not (isinstance(self.batch_size, int) and self.batch_size >= 1):
+            raise ValueError(f"{p}batch_size: expected an int >= 1, got {self.batch_size!r}.")
+        if self.local_steps is not None and self.local_epochs is not None:
+            raise ValueError(f"{p}local_steps / {p}local_epochs: set at most one, got "
+                             f"local_steps={self.local_steps!r}, "
+                             f"local_epochs={self.local_epochs!r}.")
+        for name in ("local_steps", "local_epochs"):
+            v = getattr(self, name)
+            if v is not None and not (isinstance(v, int) and v >= 0):
+                raise ValueError(f"{p}{name}: expected an int >= 0, got {v!r}.")
+        check_optimizer(f"{p}optimizer", self.optimizer)
+
+    @property
+    def epochs(self) -> int | None:
+        """E in epoch mode (1 when neither steps nor epochs were given), else None."""
+        if self.local_steps is not None:
+            return None
+        return 1 if self.local_epochs is None else self.local_epochs
+
+    def num_steps(self, max_examples: int) -> int:
+        """T, the (static) number of scanned steps for padded size N."""
+        if self.local_steps is not None:
+            return self.local_steps
+        return self.epochs * math.ceil(max_examples / self.batch_size)
+
+    def train(self, loss_fn, params, data, key, learning_rate, penalty=None) -> LocalResult:
+        """`local_train` with this schedule and `make_optimizer(optimizer, learning_rate)`."""
+        return local_train(params, data, key, loss_fn=loss_fn,
+                           optimizer=make_optimizer(self.optimizer, learning_rate),
+                           batch_size=self.batch_size, local_steps=self.local_steps,
+                           local_epochs=self.epochs, penalty=penalty)
+
+
+def batch_plan(key, num_examples, max_examples: int, *, batch_size: int,
+               local_steps: int | None = None, local_epochs: int | None = None):
+    """Minibatch indices and per-example weights for one client.
+
+    Returns:
+      (idx [T, B] int32, weights [T, B] float32); each step's weights sum to 1
+      over its valid examples, or are all 0 for an empty step.
+    """
+    n = jnp.asarray(num_examples, jnp.int32)
+    if local_steps is not None:
+        idx = jax.random.randint(key, (local_steps, batch_size), 0, jnp.maximum(n, 1))
+        w = jnp.where(n > 0, 1.0 / batch_size, 0.0)
+        return idx.astype(jnp.int32), jnp.full((local_steps, batch_size), w, jnp.float32)
+    per_epoch = math.ceil(max_examples / batch_size)
+    slots = per_epoch * batch_size
+
+    def epoch(k):
+        u = jnp.where(jnp.arange(max_examples) < n, jax.random.uniform(k, (max_examples,)), 2.0)
+        perm = jnp.pad(jnp.argsort(u), (0, slots - max_examples)).astype(jnp.int32)
+        valid = jnp.arange(slots) < n
+        return perm.reshape(per_epoch, batch_size), valid.reshape(per_epoch, batch_size)
+
+    idx, valid = jax.vmap(epoch)(jax.random.split(key, local_epochs))
+    idx, valid = idx.reshape(-1, batch_size), valid.reshape(-1, batch_size)
+    w = valid / jnp.maximum(valid.sum(axis=1, keepdims=True), 1)
+    return idx, w.astype(jnp.float32)
+
+
+def local_train(
+    params,
+    data: ClientData,
+    key: jax.Array,
+    *,
+    loss_fn: Callable,
+    optimizer: optax.GradientTransformation,
+    batch_size: int,
+    local_steps: int | None = None,
+    local_epochs: int | None = None,
+    penalty: Callable | None = None,
+) -> LocalResult:
+    """Runs T optimizer steps on ONE client's data.
+
+    Args:
+      params: the starting params.
+      data: one client's row: `examples` leaves [N, ...], `num_examples` scalar.
+      key: the client's key for this round.
+      loss_fn: `loss_fn(params, batch, key) -> [B]` per-example loss.
+      optimizer: the client optimizer; its state starts fresh.
+      batch_size, local_steps, local_epochs: the schedule (see module doc).
+      penalty: optional `penalty(params) -> scalar` added to each step's
+        objective (e.g. a proximal term); not included in `losses`.
+
+    Returns:
+      `LocalResult(params, losses [T], counts [T])`.
+    """
+    max_examples = jax.tree.leaves(data.examples)[0].shape[0]
+    plan_key, step_key = jax.random.split(key)
+    idx, weights = batch_plan(plan_key, data.num_examples, max_examples, batch_size=batch_size,
+                              local_steps=local_steps, local_epochs=local_epochs)
+
+    def objective(p, batch, w, k):
+        data_loss = jnp.sum(w * loss_fn(p, batch, k))
+        return data_loss + (penalty(p) if penalty is not None else 0.0), data_loss
+
+    def step(carry, xs):
+        p, opt_state = carry
+        i, w, k = xs
+        batch = jax.tree.map(lambda a: a[i], data.examples)
+        (_, data_loss), grads = jax.value_and_grad(objective, has_aux=True)(p, batch, w, k)
+        updates, new_opt_state = optimizer.update(grads, opt_state, p)
+        new = (optax.apply_updates(p, updates), new_opt_state)
+        count = jnp.sum(w > 0).astype(jnp.float32)
+        return optax.tree.where(count > 0, new, (p, opt_state)), (data_loss, count)
+
+    keys = jax.random.split(step_key, idx.shape[0])
+    (params, _), (losses, counts) = jax.lax.scan(step, (params, optimizer.init(params)),
+                                                 (idx, weights, keys))
+    return LocalResult(params, losses, counts)
+
+
+def model_loss_fn(model: Model) -> Callable:
+    """`loss_fn(params, batch, key) -> [B]` for `local_train`, from a `Model`."""
+    return lambda params, batch, key: model.loss(model.apply(params, batch, key), batch)
+
+
+def evaluate_client(model: Model, params, data: ClientData) -> dict[str, jax.Array]:
+    """Test statistics of `params` on ONE client's rows (padding masked out).
+
+    Returns:
+      dict of scalars: `num_examples`, `num_correct`, `loss_sum`.
+    """
+    logits = model.apply(params, data.examples, None)
+    mask = jnp.arange(logits.shape[0]) < data.num_examples
+    correct = (jnp.argmax(logits, -1) == data.examples["y"]) & mask
+    loss = jnp.where(mask, model.loss(logits, data.examples), 0.0)
+    return {
+        "num_examples": data.num_examples.astype(jnp.float32),
+        "num_correct": jnp.sum(correct).astype(jnp.float32),
+        "loss_sum": jnp.sum(loss),
+    }

@@ -1,0 +1,43 @@
+"""Federated data: the stacked `ClientData` container, partitioners and datasets."""
+
+from fedjax_pfl.data.client_data import ClientData
+from fedjax_pfl.data.datasets import (
+    DATASETS,
+    federated_dataset,
+    load_csv,
+    load_digits,
+    load_leaf_json,
+    load_mnist_subset,
+    load_npz,
+    synthetic,
+    to_images,
+)
+from fedjax_pfl.data.partition import (
+    PARTITIONS,
+    dirichlet,
+    iid,
+    natural,
+    pathological,
+    quantity_skew,
+    train_test_split,
+)
+
+__all__ = [
+    "ClientData",
+    "DATASETS",
+    "PARTITIONS",
+    "dirichlet",
+    "federated_dataset",
+    "iid",
+    "load_csv",
+    "load_digits",
+    "load_leaf_json",
+    "load_mnist_subset",
+    "load_npz",
+    "natural",
+    "pathological",
+    "quantity_skew",
+    "synthetic",
+    "to_images",
+    "train_test_split",
+]

