@@ -145,6 +145,60 @@ def run_worker(args: list[str], timeout_s: float = 900.0, env: dict | None = Non
     return {"error": f"exit {proc.returncode}: {proc.stderr.strip()[-2000:]}"}
 
 
+def run_matrix(script: str, specs: list[dict], repeats: int, wait_quiet_s: float = 0.0,
+               describe=lambda res: "", timeout_s: float = 900.0) -> list[dict]:
+    """Runs `python script --worker SPEC` once per spec and repeat, in fresh processes.
+
+    Repeats are interleaved (all specs, then all specs again), so slow drifts in
+    machine load spread over every configuration. Returns one record per run:
+    the spec merged with what the worker emitted (or {"error": ...}).
+    """
+    runs = []
+    for rep in range(repeats):
+        for spec in specs:
+            if wait_quiet_s:
+                wait_for_quiet(max_wait_s=wait_quiet_s)
+            res = run_worker([script, "--worker", json.dumps(spec)], timeout_s=timeout_s)
+            runs.append({**spec, **res, "repeat": rep})
+            text = f"ERROR {res['error'][-400:]}" if "error" in res else describe(res)
+            print(f"[rep {rep + 1}/{repeats}] {spec.get('label', '')} {text}", flush=True)
+    return runs
+
+
+def aggregate(runs: list[dict], by: tuple[str, ...], fields: tuple[str, ...],
+              spread: str = "round_s") -> list[dict]:
+    """One row per distinct `by` key (first-seen order): median over repeats of each field.
+
+    Also records `repeats` (successful runs), `<spread>_min_max` over the runs and
+    `errors` (messages of failed runs, or None).
+    """
+    rows = {}
+    for r in runs:
+        key = tuple(r.get(k) for k in by)
+        row = rows.setdefault(key, {**{k: r.get(k) for k in by}, "_ok": [], "errors": None})
+        if "error" in r:
+            row["errors"] = (row["errors"] or []) + [r["error"]]
+        else:
+            row["_ok"].append(r)
+    out = []
+    for row in rows.values():
+        ok = row.pop("_ok")
+        row["repeats"] = len(ok)
+        for f in fields:
+            row[f] = median([r.get(f) for r in ok])
+        vals = [r[spread] for r in ok if r.get(spread) is not None]
+        row[f"{spread}_min_max"] = [min(vals), max(vals)] if vals else None
+        out.append(row)
+    return out
+
+
+def write_json(path: str, obj) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1, default=str)
+    print(f"wrote {path}")
+
+
 # --------------------------------------------------------------------------- formatting
 
 def fmt(x, digits: int = 4) -> str:

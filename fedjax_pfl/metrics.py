@@ -10,7 +10,7 @@ test examples are excluded from per-client statistics.
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 

@@ -29,7 +29,7 @@ from fedjax_pfl.data.client_data import ClientData
 class TrainingDiverged(FloatingPointError):
     """Raised when the training loss becomes NaN/Inf; `.result` holds the run so far."""
 
-    def __init__(self, message: str, result: "Result"):
+    def __init__(self, message: str, result: Result):
         super().__init__(message)
         self.result = result
 

@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from fedjax_pfl.core import aggregation, algorithm, execution as ex, local, sampling
+from fedjax_pfl.core import aggregation, algorithm, local, sampling
+from fedjax_pfl.core import execution as ex
 from fedjax_pfl.core.algorithm import FederatedAlgorithm
 from fedjax_pfl.models.model import Model
 

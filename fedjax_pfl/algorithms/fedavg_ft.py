@@ -12,7 +12,8 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_pfl.algorithms.fedavg import fedavg
-from fedjax_pfl.core import algorithm, execution as ex, local, sampling
+from fedjax_pfl.core import algorithm, local, sampling
+from fedjax_pfl.core import execution as ex
 from fedjax_pfl.core.algorithm import FederatedAlgorithm
 from fedjax_pfl.models.model import Model
 

@@ -20,12 +20,13 @@ outputs are dropped and excluded from sums.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 STRATEGIES = ("vmap", "chunked", "sharded")
 AXIS = "clients"
@@ -61,7 +62,7 @@ class Execution:
                              f"got {self.mesh.axis_names}.")
 
 
-def as_execution(spec: "str | Execution") -> Execution:
+def as_execution(spec: str | Execution) -> Execution:
     """`Execution` from a strategy name ("chunked" gets chunk_size 64) or itself."""
     if isinstance(spec, Execution):
         return spec

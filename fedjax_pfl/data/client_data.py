@@ -9,7 +9,7 @@ evaluation, so their content does not matter (they are zeros).
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -52,7 +52,7 @@ class ClientData:
         num_classes: int | None = None,
         label_key: str = "y",
         max_examples: int | None = None,
-    ) -> "ClientData":
+    ) -> ClientData:
         """Validates per-client NumPy arrays and stacks them into a `ClientData`.
 
         Args:
@@ -144,18 +144,18 @@ class ClientData:
         total = self.num_clients * self.max_examples
         return 1.0 - float(np.sum(np.asarray(self.num_examples))) / total
 
-    def take(self, idx: jax.Array) -> "ClientData":
+    def take(self, idx: jax.Array) -> ClientData:
         """The clients `idx` ([S] int), as a `ClientData` of S clients."""
         return jax.tree.map(lambda a: a[idx], self)
 
-    def pad_clients(self, num_clients: int) -> "ClientData":
+    def pad_clients(self, num_clients: int) -> ClientData:
         """Appends empty clients (0 examples) up to `num_clients`."""
         extra = num_clients - self.num_clients
         if extra < 0:
             raise ValueError(f"num_clients: must be >= {self.num_clients}, got {num_clients}.")
         return jax.tree.map(lambda a: jnp.concatenate([a, jnp.zeros((extra,) + a.shape[1:], a.dtype)]), self)
 
-    def pad_examples(self, max_examples: int) -> "ClientData":
+    def pad_examples(self, max_examples: int) -> ClientData:
         """Adds padding rows so that N == `max_examples`."""
         extra = max_examples - self.max_examples
         if extra < 0:

@@ -11,12 +11,14 @@ import importlib
 import inspect
 import json
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
 from fedjax_pfl.data.client_data import ClientData
-from fedjax_pfl.data.partition import PARTITIONS, iid as iid_partition, train_test_split
+from fedjax_pfl.data.partition import PARTITIONS, train_test_split
+from fedjax_pfl.data.partition import iid as iid_partition
 
 _INSTALL_HINT = "pip install 'fedjax_pfl[data]'"
 

@@ -8,10 +8,9 @@ is 1024, for 32x32x3 it is 1600.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import flax.linen as nn
-import jax.numpy as jnp
 
 from fedjax_pfl.models.model import Model, from_linen
 

@@ -31,7 +31,7 @@ COHORT = 5
 ROUND_KEY = jax.random.key(42)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _build(name, overrides):
     config = {**BASE, **EXTRA.get(name, {}), **dict(overrides)}
     algo = ALGORITHMS[name](MODEL, **config)

@@ -7,7 +7,8 @@ import sys
 import numpy as np
 import pytest
 
-from fedjax_pfl.data import ClientData, datasets as D
+from fedjax_pfl.data import ClientData
+from fedjax_pfl.data import datasets as D
 
 HINT = re.escape("pip install 'fedjax_pfl[data]'")
 

@@ -1,12 +1,4 @@
-"""Test helpers: plain per-client reference loops, a smoke checker, tiny fixtures.
-
-`naive_round(name, model, state, train, key, **config)` recomputes one round
-of a registered algorithm the slow, obvious way: a Python loop over the
-cohort, one client at a time (each client's `local_train` is unvectorized),
-and the aggregation written out in float64 NumPy. The vectorized round must
-match it; that is what proves vmap / chunking / sharding and the aggregation
-maths correct.
-"""
+"""Shared pieces of the naive references and of the test suite."""
 
 from __future__ import annotations
 
@@ -16,13 +8,11 @@ import inspect
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from fedjax_pfl.algorithms import ALGORITHMS
 from fedjax_pfl.algorithms.fedavg import fedavg
 from fedjax_pfl.core import local, sampling
 from fedjax_pfl.data.client_data import ClientData
-from fedjax_pfl.models.model import Model
 
 
 def resolved_config(name: str, **config) -> dict:
@@ -41,7 +31,7 @@ def client_row(data: ClientData, i: int) -> ClientData:
     return jax.tree.map(lambda a: a[i], data)
 
 
-def _cohort(train, key, cohort_size):
+def cohort(train, key, cohort_size):
     sample_key, client_key = sampling.round_keys(key)
     ids = np.asarray(sampling.sample_cohort(sample_key, train.num_clients, cohort_size))
     return ids, client_key
@@ -63,83 +53,14 @@ def _client_trainer(model, batch_size, local_steps, local_epochs, optimizer, pro
     return jax.jit(train)
 
 
-def _train_one(model, cfg, params, row, key, lr, mu=None, anchor=None):
+def train_one(model, cfg, params, row, key, lr, mu=None, anchor=None):
     trainer = _client_trainer(model, cfg["batch_size"], cfg["local_steps"], cfg["local_epochs"],
                               cfg["client_optimizer"], mu is not None)
     return trainer(params, row, key, lr, 0.0 if mu is None else mu, anchor)
 
 
-def _f64(tree):
+def f64(tree):
     return jax.tree.map(lambda a: np.asarray(a, np.float64), tree)
-
-
-def _naive_fedavg(model, state, train, key, cfg):
-    ids, client_key = _cohort(train, key, cfg["clients_per_round"])
-    hp = {k: float(v) for k, v in state.hparams.items()}
-    server = state.params
-    total, weight_sum, loss_num, n_sum = None, 0.0, 0.0, 0.0
-    for i in ids:
-        result = _train_one(model, cfg, server, client_row(train, i),
-                            jax.random.fold_in(client_key, i), hp["client_lr"], hp.get("mu"), server)
-        n = float(train.num_examples[i])
-        w = n if cfg["weighting"] == "num_examples" else float(n > 0)
-        delta = jax.tree.map(lambda c, s: w * (c - s), _f64(result.params), _f64(server))
-        total = delta if total is None else jax.tree.map(np.add, total, delta)
-        weight_sum += w
-        loss_num += n * float(result.mean_loss())
-        n_sum += n
-    mean = jax.tree.map(lambda d: d / weight_sum if weight_sum > 0 else 0 * d, total)
-    opt = local.make_optimizer(cfg["server_optimizer"], hp["server_lr"])
-    updates, opt_state = opt.update(jax.tree.map(lambda d: -jnp.asarray(d, jnp.float32), mean),
-                                    state.opt_state, server)
-    new = state.replace(round=state.round + 1, params=optax.apply_updates(server, updates),
-                        opt_state=opt_state)
-    return new, {"train_loss": loss_num / max(n_sum, 1.0)}
-
-
-def _naive_local(model, state, train, key, cfg):
-    ids, client_key = _cohort(train, key, cfg["clients_per_round"])
-    lr = float(state.hparams["client_lr"])
-    rows = [_f64(client_row(state.client_params, i)) for i in range(train.num_clients)]
-    loss_num, n_sum = 0.0, 0.0
-    for i in ids:
-        own = client_row(state.client_params, i)
-        result = _train_one(model, cfg, own, client_row(train, i),
-                            jax.random.fold_in(client_key, i), lr)
-        rows[i] = _f64(result.params)
-        n = float(train.num_examples[i])
-        loss_num += n * float(result.mean_loss())
-        n_sum += n
-    stacked = jax.tree.map(lambda *r: jnp.asarray(np.stack(r), jnp.float32), *rows)
-    new = state.replace(round=state.round + 1, client_params=stacked)
-    return new, {"train_loss": loss_num / max(n_sum, 1.0)}
-
-
-NAIVE_ROUNDS = {
-    "fedavg": _naive_fedavg,
-    "fedprox": _naive_fedavg,
-    "fedavg_ft": _naive_fedavg,
-    "local": _naive_local,
-}
-
-
-def naive_round(name: str, model: Model, state, train: ClientData, key: jax.Array, **config):
-    """One round of algorithm `name` as a plain per-client Python loop.
-
-    Args:
-      name: a key of `ALGORITHMS` with a reference in `NAIVE_ROUNDS`.
-      model: the model the algorithm was built with.
-      state: the state before the round.
-      train: the training data.
-      key: the round key (as passed to `algorithm.round`).
-      **config: the keyword arguments the algorithm was built with.
-
-    Returns:
-      (new state, round metrics), to compare with `algorithm.round`.
-    """
-    if name not in NAIVE_ROUNDS:
-        raise KeyError(f"name: no naive reference for {name!r}; known: {sorted(NAIVE_ROUNDS)}.")
-    return NAIVE_ROUNDS[name](model, state, train, key, resolved_config(name, **config))
 
 
 def random_client_data(seed: int, num_clients: int, *, sample_seed: int = 0,
