@@ -105,13 +105,13 @@ def fedavg(
     def round_fn(state, train, key):
         algorithm.check_train(train, clients_per_round)
         sample_key, client_key = sampling.round_keys(key)
-        ids = sampling.sample_cohort(sample_key, train.num_clients, clients_per_round)
-        cohort = train.take(ids)
-        n = cohort.num_examples.astype(jnp.float32)
+        cohort = sampling.cohort(sample_key, train.num_clients, clients_per_round)
+        data = cohort.take(train)
+        n = data.num_examples.astype(jnp.float32)
         weights = n if weighting == "num_examples" else (n > 0).astype(jnp.float32)
-        keys = sampling.client_keys(client_key, ids)
+        keys = sampling.client_keys(client_key, cohort.ids)
         losses, (delta_sum, weight_sum) = ex.map_reduce(
-            client_update, (state.params, state.hparams), (cohort, keys, weights), execution)
+            client_update, (state.params, state.hparams), (data, keys, weights), execution)
         server_opt = local.make_optimizer(server_optimizer, state.hparams["server_lr"])
         params, opt_state = aggregation.server_update(
             server_opt, state.params, state.opt_state, aggregation.safe_div(delta_sum, weight_sum))

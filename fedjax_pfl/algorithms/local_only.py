@@ -52,7 +52,8 @@ def local_only(
     def init(key, train):
         algorithm.check_train(train, clients_per_round)
         params = model.init(key)
-        stacked = jax.tree.map(lambda a: jnp.broadcast_to(a, (train.num_clients,) + a.shape), params)
+        stacked = jax.tree.map(lambda a: jnp.broadcast_to(a, (train.num_clients, *a.shape)),
+                               params)
         return LocalState(jnp.zeros((), jnp.int32), stacked, algorithm.hparams(client_lr=client_lr))
 
     def client_update(hp, x):
@@ -62,17 +63,17 @@ def local_only(
 
     def round_fn(state, train, key):
         algorithm.check_train(train, clients_per_round)
-        algorithm.check_same_clients(jax.tree.leaves(state.client_params)[0].shape[0], train, "train")
+        algorithm.check_same_clients(jax.tree.leaves(state.client_params)[0].shape[0], train,
+                                     "train")
         sample_key, client_key = sampling.round_keys(key)
-        ids = sampling.sample_cohort(sample_key, train.num_clients, clients_per_round)
-        cohort = train.take(ids)
-        keys = sampling.client_keys(client_key, ids)
+        cohort = sampling.cohort(sample_key, train.num_clients, clients_per_round)
+        data = cohort.take(train)
+        keys = sampling.client_keys(client_key, cohort.ids)
         (params, losses), _ = ex.map_reduce(
-            client_update, state.hparams,
-            (sampling.take(state.client_params, ids), cohort, keys), execution)
-        n = cohort.num_examples.astype(jnp.float32)
+            client_update, state.hparams, (cohort.take(state.client_params), data, keys), execution)
+        n = data.num_examples.astype(jnp.float32)
         metrics = {"train_loss": jnp.sum(n * losses) / jnp.maximum(jnp.sum(n), 1.0)}
-        client_params = sampling.put(state.client_params, ids, params)
+        client_params = cohort.put(state.client_params, params)
         return state.replace(round=state.round + 1, client_params=client_params), metrics
 
     def evaluate(state, train, test):

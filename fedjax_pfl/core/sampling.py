@@ -6,6 +6,8 @@ whole run. Sampling is without replacement, so scatters have no duplicates.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
@@ -43,3 +45,29 @@ def take(tree, idx: jax.Array):
 def put(tree, idx: jax.Array, rows):
     """Writes [S, ...] `rows` back at `idx`; other rows are left bit-identical."""
     return jax.tree.map(lambda a, r: a.at[idx].set(r), tree, rows)
+
+
+class Cohort(NamedTuple):
+    """One round's cohort: the client ids and whether it is every client.
+
+    With full participation (`full`, static) `take` and `put` skip the gather
+    and scatter: a gather with iota indices is not elided by XLA and costs a
+    copy of the whole client axis every round.
+    """
+
+    ids: jax.Array  # [S] int32, sorted
+    full: bool
+
+    def take(self, tree):
+        """Rows of the cohort, [S, ...]."""
+        return tree if self.full else take(tree, self.ids)
+
+    def put(self, tree, rows):
+        """Writes the cohort's rows back; other rows stay bit-identical."""
+        return rows if self.full else put(tree, self.ids, rows)
+
+
+def cohort(key: jax.Array, num_clients: int, cohort_size: int | None) -> Cohort:
+    """Samples a round's cohort (see `sample_cohort`)."""
+    full = cohort_size is None or cohort_size == num_clients
+    return Cohort(sample_cohort(key, num_clients, cohort_size), full)
