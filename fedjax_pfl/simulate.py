@@ -144,7 +144,8 @@ def simulate(
       TrainingDiverged: the training loss became NaN/Inf (message names the round).
     """
     if not isinstance(algorithm, FederatedAlgorithm):
-        raise TypeError(f"algorithm: expected a FederatedAlgorithm, got {type(algorithm).__name__}.")
+        raise TypeError(f"algorithm: expected a FederatedAlgorithm, "
+                        f"got {type(algorithm).__name__}.")
     for name, v, lo in (("rounds", rounds, 0), ("seed", seed, 0)):
         if not (isinstance(v, int) and not isinstance(v, bool) and v >= lo):
             raise ValueError(f"{name}: expected an int >= {lo}, got {v!r}.")

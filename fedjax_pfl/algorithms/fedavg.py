@@ -98,7 +98,8 @@ def fedavg(
         data, key, weight = x
         penalty = None
         if mu is not None:
-            penalty = lambda p: 0.5 * hp["mu"] * optax.tree.norm(optax.tree.sub(p, params), squared=True)
+            penalty = lambda p: 0.5 * hp["mu"] * optax.tree.norm(optax.tree.sub(p, params),
+                                                                 squared=True)
         result = schedule.train(loss_fn, params, data, key, hp["client_lr"], penalty)
         return result.mean_loss(), aggregation.weighted_delta(result.params, params, weight)
 

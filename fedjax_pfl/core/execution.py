@@ -90,8 +90,8 @@ def shard_clients(tree, mesh: Mesh | None = None):
 def _pad_rows(tree, multiple: int):
     size = jax.tree.leaves(tree)[0].shape[0]
     extra = -size % multiple
-    padded = jax.tree.map(lambda a: jnp.concatenate([a, jnp.zeros((extra,) + a.shape[1:], a.dtype)]),
-                          tree) if extra else tree
+    pad = lambda a: jnp.concatenate([a, jnp.zeros((extra, *a.shape[1:]), a.dtype)])
+    padded = jax.tree.map(pad, tree) if extra else tree
     return padded, jnp.arange(size + extra) < size
 
 

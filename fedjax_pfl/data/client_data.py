@@ -101,7 +101,8 @@ class ClientData:
                         f"{ref[k].dtype}."
                     )
                 if not (np.issubdtype(a.dtype, np.number) or a.dtype == np.bool_):
-                    raise ValueError(f"clients[{i}][{k!r}]: expected a numeric dtype, got {a.dtype}.")
+                    raise ValueError(f"clients[{i}][{k!r}]: expected a numeric dtype, "
+                                     f"got {a.dtype}.")
                 if np.issubdtype(a.dtype, np.floating) and not np.all(np.isfinite(a)):
                     bad = int(np.sum(~np.isfinite(a)))
                     raise ValueError(f"clients[{i}][{k!r}]: {bad} NaN/Inf values.")
@@ -153,14 +154,16 @@ class ClientData:
         extra = num_clients - self.num_clients
         if extra < 0:
             raise ValueError(f"num_clients: must be >= {self.num_clients}, got {num_clients}.")
-        return jax.tree.map(lambda a: jnp.concatenate([a, jnp.zeros((extra,) + a.shape[1:], a.dtype)]), self)
+        pad = lambda a: jnp.concatenate([a, jnp.zeros((extra, *a.shape[1:]), a.dtype)])
+        return jax.tree.map(pad, self)
 
     def pad_examples(self, max_examples: int) -> ClientData:
         """Adds padding rows so that N == `max_examples`."""
         extra = max_examples - self.max_examples
         if extra < 0:
             raise ValueError(f"max_examples: must be >= {self.max_examples}, got {max_examples}.")
-        pad = lambda a: jnp.concatenate([a, jnp.zeros((a.shape[0], extra) + a.shape[2:], a.dtype)], 1)
+        pad = lambda a: jnp.concatenate([a, jnp.zeros((a.shape[0], extra, *a.shape[2:]), a.dtype)],
+                                        axis=1)
         return self.replace(examples={k: pad(v) for k, v in self.examples.items()})
 
     def client_arrays(self, i: int) -> dict[str, np.ndarray]:

@@ -49,6 +49,11 @@ def _check(name, value, ok, expected):
         raise ValueError(f"{name}: expected {expected}, got {value!r}.")
 
 
+def _check_classes(num_classes):
+    _check("num_classes", num_classes, isinstance(num_classes, int) and num_classes >= 2,
+           "an int >= 2")
+
+
 def logistic_regression(input_shape: Sequence[int], num_classes: int) -> Model:
     """Multinomial logistic regression (one `head` Dense layer)."""
     return mlp(input_shape, num_classes, hidden=())
@@ -69,9 +74,10 @@ def mlp(
       hidden: hidden widths, e.g. (80, 60) for Per-FedAvg's MLP.
       activation: a flax.linen activation name ("relu", "elu", "tanh", ...).
     """
-    _check("num_classes", num_classes, isinstance(num_classes, int) and num_classes >= 2, "an int >= 2")
+    _check_classes(num_classes)
     _check("hidden", hidden, all(isinstance(h, int) and h > 0 for h in hidden), "positive ints")
-    _check("activation", activation, callable(getattr(nn, activation, None)), "a flax.linen activation")
+    _check("activation", activation, callable(getattr(nn, activation, None)),
+           "a flax.linen activation")
     return from_linen(_MLP(tuple(hidden), num_classes, activation), tuple(input_shape))
 
 
@@ -79,7 +85,7 @@ def cnn(input_shape: Sequence[int] = (28, 28, 1), num_classes: int = 10) -> Mode
     """The 2-conv FedAvg CNN for [H, W, C] images (28x28x1 or 32x32x3)."""
     _check("input_shape", input_shape, len(input_shape) == 3 and min(input_shape[:2]) >= 16,
            "[H, W, C] with H, W >= 16")
-    _check("num_classes", num_classes, isinstance(num_classes, int) and num_classes >= 2, "an int >= 2")
+    _check_classes(num_classes)
     return from_linen(_CNN(num_classes), tuple(input_shape))
 
 

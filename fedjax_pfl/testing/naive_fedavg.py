@@ -18,10 +18,10 @@ def _naive_fedavg(model, state, train, key, cfg):
     total, weight_sum, loss_num, n_sum = None, 0.0, 0.0, 0.0
     for i in ids:
         result = train_one(model, cfg, server, client_row(train, i),
-                            jax.random.fold_in(client_key, i), hp["client_lr"], hp.get("mu"), server)
+                           jax.random.fold_in(client_key, i), hp["client_lr"], hp.get("mu"), server)
         n = float(train.num_examples[i])
         w = n if cfg["weighting"] == "num_examples" else float(n > 0)
-        delta = jax.tree.map(lambda c, s: w * (c - s), f64(result.params), f64(server))
+        delta = jax.tree.map(lambda c, s, w=w: w * (c - s), f64(result.params), f64(server))
         total = delta if total is None else jax.tree.map(np.add, total, delta)
         weight_sum += w
         loss_num += n * float(result.mean_loss())

@@ -8,6 +8,7 @@ import pytest
 
 from fedjax_pfl import models, testing
 from fedjax_pfl.algorithms import fedavg, fedavg_ft, fedprox, local_only
+from fedjax_pfl.core.local import evaluate_client
 from fedjax_pfl.data.client_data import ClientData
 from fedjax_pfl.models.model import Model
 
@@ -90,8 +91,8 @@ def test_local_clients_train_only_their_own_model(tiny_train, tiny_test):
     own = jax.tree.map(lambda a: a[0], state.client_params)
     want = testing.client_row(tiny_test, 0)
     got = jax.jit(algo.evaluate)(state, tiny_train, tiny_test)
-    from fedjax_pfl.core.local import evaluate_client
-    np.testing.assert_allclose(got["num_correct"][0], evaluate_client(model, own, want)["num_correct"])
+    np.testing.assert_allclose(got["num_correct"][0],
+                               evaluate_client(model, own, want)["num_correct"])
 
 
 def test_fedavg_ft_with_zero_steps_equals_fedavg_and_fine_tuning_helps(tiny_train, tiny_test):
