@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: demo test bench clean
+.PHONY: demo test test-slow bench clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +22,10 @@ demo: $(VENV)/.data
 	$(VENV)/bin/fedjax-pfl demo
 
 test: $(VENV)/.test
-	$(PY) -m pytest -q -n 2 --durations=15
+	$(PY) -m pytest -q -n 2 -m "not slow" --durations=15
+
+test-slow: $(VENV)/.test
+	$(PY) -m pytest -q -n 2 -m slow --durations=15
 
 bench: $(VENV)/.test
 	$(PY) -m pip install --quiet -e ".[bench]"

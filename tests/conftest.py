@@ -13,6 +13,20 @@ import pytest  # noqa: E402
 
 from fedjax_pfl import testing  # noqa: E402
 
+# FedAvg and Local run the whole conformance suite in the default (fast) tier;
+# the other algorithms run its costly checks (marked `costly`) in the slow tier,
+# which CI also runs (`make test-slow`). Every algorithm runs the cheap checks,
+# including equality with its naive per-client loop, in the fast tier.
+FULL_CONFORMANCE = {"fedavg", "local"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        params = getattr(item, "callspec", None)
+        name = params.params.get("name") if params else None
+        if item.get_closest_marker("costly") and name not in FULL_CONFORMANCE:
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(scope="session")
 def tiny_train():

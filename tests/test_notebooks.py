@@ -40,6 +40,7 @@ def venv_kernel(tmp_path_factory, monkeypatch):
     return "python3"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
 def test_notebook_runs(path, tmp_path, venv_kernel):
     notebook = nbformat.read(path, as_version=4)

@@ -4,16 +4,71 @@
 the benchmarks and the conformance test suite are driven by it.
 """
 
+from fedjax_pfl.algorithms.apfl import APFLState, apfl
+from fedjax_pfl.algorithms.ditto import DittoState, ditto
+from fedjax_pfl.algorithms.fedalt import PartialState, fedalt
+from fedjax_pfl.algorithms.fedapm import FedAPMState, fedapm
 from fedjax_pfl.algorithms.fedavg import FedAvgState, fedavg, fedprox
 from fedjax_pfl.algorithms.fedavg_ft import fedavg_ft
+from fedjax_pfl.algorithms.fedfew import FedFewState, fedfew
+from fedjax_pfl.algorithms.fedper import fedper
+from fedjax_pfl.algorithms.fedrep import fedrep
+from fedjax_pfl.algorithms.fedsim import fedsim
+from fedjax_pfl.algorithms.ifca import IFCAState, ifca
 from fedjax_pfl.algorithms.local_only import LocalState, local_only
+from fedjax_pfl.algorithms.meta_fl import MetaFLState, meta_fl, per_fedavg
+from fedjax_pfl.algorithms.pfedme import PFedMeState, pfedme
 
 ALGORITHMS = {
+    # Reference points.
     "fedavg": fedavg,
     "fedprox": fedprox,
     "local": local_only,
     "fedavg_ft": fedavg_ft,
+    # K shared models.
+    "fedfew": fedfew,
+    "ifca": ifca,
+    # Regularized / interpolated personal models.
+    "ditto": ditto,
+    "apfl": apfl,
+    # Meta-learning.
+    "meta_fl": meta_fl,
+    "per_fedavg": per_fedavg,
+    "pfedme": pfedme,
+    # Partial model personalization.
+    "fedapm": fedapm,
+    "fedalt": fedalt,
+    "fedsim": fedsim,
+    "fedrep": fedrep,
+    "fedper": fedper,
 }
 
-__all__ = ["ALGORITHMS", "FedAvgState", "LocalState", "fedavg", "fedavg_ft", "fedprox",
-           "local_only"]
+__all__ = [
+    "ALGORITHMS",
+    "APFLState",
+    "DittoState",
+    "FedAPMState",
+    "FedAvgState",
+    "FedFewState",
+    "IFCAState",
+    "LocalState",
+    "MetaFLState",
+    "PFedMeState",
+    "PartialState",
+    "apfl",
+    "ditto",
+    "fedalt",
+    "fedapm",
+    "fedavg",
+    "fedavg_ft",
+    "fedfew",
+    "fedper",
+    "fedprox",
+    "fedrep",
+    "fedsim",
+    "ifca",
+    "local_only",
+    "meta_fl",
+    "per_fedavg",
+    "pfedme",
+]

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_pfl.algorithms.fedavg import fedavg
-from fedjax_pfl.core import algorithm, local, sampling
+from fedjax_pfl.core import algorithm, finetune, local, sampling
 from fedjax_pfl.core import execution as ex
 from fedjax_pfl.core.algorithm import FederatedAlgorithm
 from fedjax_pfl.models.model import Model
@@ -27,6 +27,7 @@ def fedavg_ft(
     ft_lr: float = 0.05,
     ft_optimizer: local.OptimizerSpec = "sgd",
     ft_seed: int = 0,
+    ft_curve_steps: int | None = None,
     **kwargs,
 ) -> FederatedAlgorithm:
     """FedAvg with local fine-tuning in `evaluate`.
@@ -38,9 +39,14 @@ def fedavg_ft(
       ft_lr: fine-tuning learning rate (traced; `hparams["ft_lr"]`).
       ft_seed: seed of the fine-tuning minibatch order (client i uses
         `fold_in(key(ft_seed), i)`, the same at every evaluation).
+      ft_curve_steps: if set (nu_max), `evaluate` also reports the curve
+        `curve_num_correct`, `curve_loss_sum` [M, nu_max + 1] of nu' plain SGD
+        steps with `ft_lr` on `ft_batch_size` minibatches (`core.finetune`).
       **kwargs: as for `fedavg`.
     """
     algorithm.check_number("ft_lr", ft_lr)
+    if ft_curve_steps is not None:
+        finetune.check_curve_args(ft_curve_steps, 0, ft_batch_size, prefix="ft_curve_")
     schedule = local.LocalSchedule(ft_batch_size, ft_steps, ft_epochs, ft_optimizer, prefix="ft_")
     base = fedavg(model, **kwargs)
     execution = ex.as_execution(kwargs.get("execution", "vmap"))
@@ -60,8 +66,15 @@ def fedavg_ft(
             tuned = schedule.train(loss_fn, params, train_row, key, lr).params
             return local.evaluate_client(model, tuned, test_row)
 
-        return ex.map_clients(client, (state.params, state.hparams["ft_lr"]),
-                              (train, test, keys), execution)
+        out = ex.map_clients(client, (state.params, state.hparams["ft_lr"]),
+                             (train, test, keys), execution)
+        if ft_curve_steps is not None:
+            curve = finetune.finetune_evaluate(
+                model, state.params, train, test, state.hparams["ft_lr"],
+                max_steps=ft_curve_steps, report_step=0, batch_size=ft_batch_size,
+                seed=ft_seed, execution=execution)
+            out.update({k: v for k, v in curve.items() if k.startswith("curve_")})
+        return out
 
     return FederatedAlgorithm(init, base.round, evaluate)
 

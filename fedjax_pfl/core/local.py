@@ -217,15 +217,73 @@ def model_loss_fn(model: Model) -> Callable:
 def evaluate_client(model: Model, params, data: ClientData) -> dict[str, jax.Array]:
     """Test statistics of `params` on ONE client's rows (padding masked out).
 
+    Besides the sums, per-class sufficient statistics [C] are returned so that
+    the host can form class-weighted F1 and macro one-vs-rest AUC
+    (`metrics.f1_weighted`, `metrics.auc_macro`): true positives, predicted
+    and true counts, and each class's one-vs-rest AUC of the softmax
+    probabilities (Mann-Whitney rank formula, ties counted 1/2; 0 where the
+    class has no positive or no negative test example).
+
     Returns:
-      dict of scalars: `num_examples`, `num_correct`, `loss_sum`.
+      dict with scalars `num_examples`, `num_correct`, `loss_sum` and [C]
+      arrays `class_tp`, `class_pred`, `class_true`, `class_auc`.
     """
     logits = model.apply(params, data.examples, None)
-    mask = jnp.arange(logits.shape[0]) < data.num_examples
-    correct = (jnp.argmax(logits, -1) == data.examples["y"]) & mask
+    num_rows, num_classes = logits.shape
+    mask = jnp.arange(num_rows) < data.num_examples
+    labels = data.examples["y"]
+    pred = jnp.argmax(logits, -1)
+    correct = (pred == labels) & mask
     loss = jnp.where(mask, model.loss(logits, data.examples), 0.0)
+    classes = jnp.arange(num_classes)[None, :]
+    is_true = (labels[:, None] == classes) & mask[:, None]  # [N, C]
+    is_pred = (pred[:, None] == classes) & mask[:, None]
+    probs = jax.nn.softmax(logits.astype(jnp.float32), -1)
     return {
         "num_examples": data.num_examples.astype(jnp.float32),
         "num_correct": jnp.sum(correct).astype(jnp.float32),
         "loss_sum": jnp.sum(loss),
+        "class_tp": jnp.sum(is_true & is_pred, 0).astype(jnp.float32),
+        "class_pred": jnp.sum(is_pred, 0).astype(jnp.float32),
+        "class_true": jnp.sum(is_true, 0).astype(jnp.float32),
+        "class_auc": jax.vmap(_ovr_auc, in_axes=(1, 1, None))(probs, is_true, mask),
     }
+
+
+_PAIRWISE_AUC_MAX_ROWS = 128
+
+
+def _ovr_auc(scores, positive, mask):
+    """One-vs-rest AUC of one class: scores [N], positive [N] bool, mask [N] bool.
+
+    Small N (the usual per-client test set) compares all pairs, which is a few
+    vector ops; large N ranks the scores with a sort.
+    """
+    if scores.shape[0] > _PAIRWISE_AUC_MAX_ROWS:
+        return _ovr_auc_ranks(scores, positive, mask)
+    return _ovr_auc_pairs(scores, positive, mask)
+
+
+def _ovr_auc_pairs(scores, positive, mask):
+    """`_ovr_auc` by counting (positive, negative) pairs in order (ties 1/2)."""
+    negative = mask & ~positive
+    wins = (scores[:, None] > scores[None, :]) + 0.5 * (scores[:, None] == scores[None, :])
+    u_stat = jnp.sum(jnp.where(positive[:, None] & negative[None, :], wins, 0.0))
+    num_pos = jnp.sum(positive).astype(jnp.float32)
+    num_neg = jnp.sum(negative).astype(jnp.float32)
+    ok = (num_pos > 0) & (num_neg > 0)
+    return jnp.where(ok, u_stat / jnp.where(ok, num_pos * num_neg, 1.0), 0.0)
+
+
+def _ovr_auc_ranks(scores, positive, mask):
+    """`_ovr_auc` by the Mann-Whitney rank formula (ties get mid-ranks)."""
+    scores = jnp.where(mask, scores, 2.0)  # padding sorts above every probability
+    ordered = jnp.sort(scores)
+    low = jnp.searchsorted(ordered, scores, side="left")
+    high = jnp.searchsorted(ordered, scores, side="right")
+    rank = (low + high + 1).astype(jnp.float32) / 2  # 1-based mid-rank among valid rows
+    num_pos = jnp.sum(positive).astype(jnp.float32)
+    num_neg = jnp.sum(mask).astype(jnp.float32) - num_pos
+    u_stat = jnp.sum(jnp.where(positive, rank, 0.0)) - num_pos * (num_pos + 1) / 2
+    ok = (num_pos > 0) & (num_neg > 0)
+    return jnp.where(ok, u_stat / jnp.where(ok, num_pos * num_neg, 1.0), 0.0)

@@ -12,6 +12,7 @@ from fedjax_pfl.data.datasets import (
     synthetic,
     to_images,
 )
+from fedjax_pfl.data.multimodal import multimodal_synthetic
 from fedjax_pfl.data.partition import (
     PARTITIONS,
     dirichlet,
@@ -41,3 +42,4 @@ __all__ = [
     "to_images",
     "train_test_split",
 ]
+__all__ += ["multimodal_synthetic"]

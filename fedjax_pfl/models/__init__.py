@@ -1,6 +1,7 @@
 """Models as `Model(init, apply, loss)` triples of pure functions."""
 
 from fedjax_pfl.models.model import Model, cross_entropy, from_linen, num_params, per_example_loss
+from fedjax_pfl.models.multimodal import ENCODERS, two_encoder
 from fedjax_pfl.models.zoo import MODELS, cnn, logistic_regression, mlp
 
 __all__ = [
@@ -14,3 +15,4 @@ __all__ = [
     "num_params",
     "per_example_loss",
 ]
+__all__ += ["ENCODERS", "two_encoder"]

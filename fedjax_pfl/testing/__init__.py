@@ -15,7 +15,7 @@ import jax
 
 from fedjax_pfl.data.client_data import ClientData
 from fedjax_pfl.models.model import Model
-from fedjax_pfl.testing import naive_fedavg
+from fedjax_pfl.testing import naive_fedavg, naive_kmodels, naive_meta, naive_partial
 from fedjax_pfl.testing.common import (
     assert_trees_close,
     check_algorithm_does_not_smoke,
@@ -26,6 +26,9 @@ from fedjax_pfl.testing.common import (
 
 NAIVE_ROUNDS = {
     **naive_fedavg.NAIVE_ROUNDS,
+    **naive_kmodels.NAIVE_ROUNDS,
+    **naive_partial.NAIVE_ROUNDS,
+    **naive_meta.NAIVE_ROUNDS,
 }
 
 

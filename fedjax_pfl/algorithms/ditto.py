@@ -1,0 +1,139 @@
+"""Ditto: a FedAvg global model plus personal models pulled towards it.
+
+Reference:
+  Li, Hu, Beirami, Smith, "Ditto: Fair and Robust Federated Learning Through
+  Personalization", ICML 2021 (arXiv 2012.04221), Algorithm 1.
+
+Each cohort client (1) trains a copy of the received global model w^t on its
+data exactly as in FedAvg, and (2) updates its personal model v_i for the same
+number of local steps on f_i(v) + lambda/2 ||v - w^t||^2, i.e.
+v <- v - eta_p (grad f_i(v) + lambda (v - w^t)). The server averages the global
+copies (n_i-weighted); personal models never leave the client and are stacked
+[M, ...] in the state. Evaluation tests each client's personal model.
+
+Paper symbol -> argument: lambda -> `lam`, eta -> `client_lr` (global copy),
+personal step size -> `personal_lr` (default: `client_lr`), s local personal
+iterations -> the same schedule as the global copy (`local_steps` /
+`local_epochs`, `batch_size`). The personal minibatch order uses the key
+`fold_in(client_key, 1)`; the global copy uses the client key itself, so the
+global model follows FedAvg exactly. All personal models start at the global
+init.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from fedjax_pfl.core import aggregation, algorithm, local, sampling
+from fedjax_pfl.core import execution as ex
+from fedjax_pfl.core.algorithm import FederatedAlgorithm
+from fedjax_pfl.models.model import Model
+
+
+@struct.dataclass
+class DittoState:
+    """State of Ditto.
+
+    Attributes:
+      round: int32 scalar, rounds completed.
+      params: the global model.
+      opt_state: the server optimizer's state.
+      client_params: every client's personal model, leaves [M, ...].
+      hparams: traced scalars: client_lr, server_lr, lam, personal_lr.
+    """
+
+    round: jax.Array
+    params: object
+    opt_state: object
+    client_params: object
+    hparams: dict
+
+
+def ditto(
+    model: Model,
+    *,
+    lam: float = 0.1,
+    personal_lr: float | None = None,
+    clients_per_round: int | None = None,
+    batch_size: int = 32,
+    local_steps: int | None = None,
+    local_epochs: int | None = None,
+    client_optimizer: local.OptimizerSpec = "sgd",
+    client_lr: float = 0.05,
+    server_optimizer: local.OptimizerSpec = "sgd",
+    server_lr: float = 1.0,
+    execution: str | ex.Execution = "vmap",
+) -> FederatedAlgorithm:
+    """Ditto.
+
+    Args:
+      model: the model.
+      lam: lambda, the pull of personal models towards the global one (traced).
+      personal_lr: the personal models' lr (traced; None: `client_lr`).
+      clients_per_round: S, sampled without replacement each round (None: all).
+      batch_size, local_steps, local_epochs: local schedule of both updates.
+      client_optimizer, client_lr: the client optimizer and the global copy's lr.
+      server_optimizer, server_lr: server optimizer on the pseudo-gradient.
+      execution: client-axis strategy.
+    """
+    algorithm.check_number("lam", lam)
+    if personal_lr is not None:
+        algorithm.check_number("personal_lr", personal_lr)
+    algorithm.check_cohort_size(clients_per_round)
+    algorithm.check_number("client_lr", client_lr)
+    algorithm.check_number("server_lr", server_lr)
+    local.check_optimizer("server_optimizer", server_optimizer)
+    schedule = local.LocalSchedule(batch_size, local_steps, local_epochs, client_optimizer)
+    execution = ex.as_execution(execution)
+    loss_fn = local.model_loss_fn(model)
+
+    def init(key, train):
+        algorithm.check_train(train, clients_per_round)
+        params = model.init(key)
+        personal = jax.tree.map(lambda a: jnp.broadcast_to(a, (train.num_clients,) + a.shape),
+                                params)
+        hp = algorithm.hparams(client_lr=client_lr, server_lr=server_lr, lam=lam,
+                               personal_lr=client_lr if personal_lr is None else personal_lr)
+        opt_state = local.make_optimizer(server_optimizer, hp["server_lr"]).init(params)
+        return DittoState(jnp.zeros((), jnp.int32), params, opt_state, personal, hp)
+
+    def client_update(broadcast, x):
+        params, hp = broadcast
+        data, key, weight, personal = x
+        result = schedule.train(loss_fn, params, data, key, hp["client_lr"])
+        penalty = lambda v: 0.5 * hp["lam"] * optax.tree.norm(optax.tree.sub(v, params),
+                                                              squared=True)
+        personal = schedule.train(loss_fn, personal, data, jax.random.fold_in(key, 1),
+                                  hp["personal_lr"], penalty).params
+        y = (result.mean_loss(), personal)
+        return y, aggregation.weighted_delta(result.params, params, weight)
+
+    def round_fn(state, train, key):
+        algorithm.check_train(train, clients_per_round)
+        algorithm.check_same_clients(jax.tree.leaves(state.client_params)[0].shape[0], train,
+                                     "train")
+        sample_key, client_key = sampling.round_keys(key)
+        ids = sampling.sample_cohort(sample_key, train.num_clients, clients_per_round)
+        cohort = train.take(ids)
+        n = cohort.num_examples.astype(jnp.float32)
+        keys = sampling.client_keys(client_key, ids)
+        (losses, personal), (delta_sum, weight_sum) = ex.map_reduce(
+            client_update, (state.params, state.hparams),
+            (cohort, keys, n, sampling.take(state.client_params, ids)), execution)
+        server_opt = local.make_optimizer(server_optimizer, state.hparams["server_lr"])
+        params, opt_state = aggregation.server_update(
+            server_opt, state.params, state.opt_state, aggregation.safe_div(delta_sum, weight_sum))
+        metrics = {"train_loss": jnp.sum(n * losses) / jnp.maximum(jnp.sum(n), 1.0)}
+        return state.replace(round=state.round + 1, params=params, opt_state=opt_state,
+                             client_params=sampling.put(state.client_params, ids, personal)
+                             ), metrics
+
+    def evaluate(state, train, test):
+        algorithm.check_same_clients(train.num_clients, test, "test")
+        return ex.map_clients(lambda _, x: local.evaluate_client(model, *x), (),
+                              (state.client_params, test), execution)
+
+    return FederatedAlgorithm(init, round_fn, evaluate)

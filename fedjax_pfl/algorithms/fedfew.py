@@ -1,0 +1,246 @@
+"""FedFew: K shared models serve M clients through smooth Tchebycheff-set weights.
+
+Reference:
+  Guo et al., "Few-for-Many Personalized Federated Learning", CVPR 2026,
+  arXiv 2603.11992; released code github.com/pgg3/FedFew (class `FedFewS`).
+
+Every cohort client trains EVERY one of the K server models (each with its own
+minibatch order, keys `fold_in(client_key, k)`) and reports the K losses
+L_ik. With n̄_i = n_i / sum_{j in S} n_j and x_ik = n̄_i L_ik the server forms
+
+  w_ik = softmax_k(-x_ik / mu),  alpha_i = softmax_{i in S}(-logsumexp_k(-x_ik / mu))
+
+(both in log space, so mu = 1e-3 with losses of 1e3 stays finite) and moves
+theta_k <- theta_k + sum_i alpha_i w_ik (theta_ik - theta_k): no per-model
+renormalisation, server lr 1 (`server_optimizer` acts on the pseudo-gradient).
+Clients with no examples get alpha_i = 0.
+
+Paper symbol -> argument: K -> `num_models`, mu -> `mu`, E -> `local_epochs`,
+B -> `batch_size`, eta -> `client_lr`. Where the paper and the code differ the
+default follows the code:
+  * `loss_at="last_epoch"` (code): L_ik is the mean training minibatch loss of
+    the copy during its last local epoch (all T steps in step mode);
+    `"received"` (paper's L_i(theta_k)): the loss of the received model on the
+    client's training data.
+  * `init="shared"` (code): the K models start as copies of one init, and only
+    the per-model minibatch orders break the symmetry;
+    `per_model_orders=False` gives every copy the same order, and then identical
+    copies stay identical forever (kept to test exactly that). `"independent"`:
+    K independent inits.
+
+Evaluation (`eval_protocol`): client i uses the model with the lowest training
+loss, k_i* = argmin_k mean CE on its training data, and is tested with it.
+  * `"server"` (default for comparisons): the K current server models.
+  * `"local"` (how the published numbers were measured): the K copies the
+    client trained in the last round, before aggregation (clients outside
+    that cohort use the received, untrained models). Instead of keeping
+    O(M K d) copies in the state, the state keeps the K models the last round
+    started from and its key, and `evaluate` re-runs that round's local
+    training: deterministic, O(K d) memory, K trainings per client per
+    evaluation. Before any round it equals `"server"`.
+The chosen model is returned per client as `model` [M].
+
+Memory: the weights need every client's losses before any update can be
+summed, so a round holds the cohort's K deltas, O(S K d).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from fedjax_pfl.algorithms.ifca import train_losses
+from fedjax_pfl.core import aggregation, algorithm, local, sampling
+from fedjax_pfl.core import execution as ex
+from fedjax_pfl.core.algorithm import FederatedAlgorithm
+from fedjax_pfl.models.model import Model
+
+LOSS_AT = ("last_epoch", "received")
+INITS = ("shared", "independent")
+PROTOCOLS = ("server", "local")
+
+
+@struct.dataclass
+class FedFewState:
+    """State of FedFew.
+
+    Attributes:
+      round: int32 scalar, rounds completed.
+      params: the K server models, leaves [K, ...].
+      opt_state: the server optimizer's state (over the [K, ...] stack).
+      last_params: the K models the last round started from, leaves [K, ...]
+        (for the `"local"` evaluation protocol).
+      last_key: uint32 key data of the last round's key (same use).
+      hparams: traced scalars: client_lr, server_lr, mu.
+    """
+
+    round: jax.Array
+    params: object
+    opt_state: object
+    last_params: object
+    last_key: jax.Array
+    hparams: dict
+
+
+def stch_weights(losses, num_examples, mu):
+    """Smooth Tchebycheff-set weights of one round, in log space.
+
+    Args:
+      losses: [S, K] L_ik.
+      num_examples: [S] n_i (clients with 0 get alpha_i = 0).
+      mu: the smoothing temperature.
+
+    Returns:
+      (w [S, K], rows summing to 1; alpha [S], summing to 1 over clients with data).
+    """
+    n = num_examples.astype(jnp.float32)
+    valid = n > 0
+    n_bar = n / jnp.maximum(jnp.sum(n), 1.0)
+    # Shift by each client's best loss before scaling: the logits reach 1e5-1e6 for
+    # mu = 1e-3, where float32 keeps no digits after the point, but the shifted
+    # ones that matter (within ~100 of 0) keep full relative precision.
+    best = jnp.min(losses, axis=1)
+    shifted = -(n_bar[:, None] * (losses - best[:, None])) / mu
+    w = jax.nn.softmax(shifted, axis=1)
+    neg_log_s = n_bar * best / mu - jax.nn.logsumexp(shifted, axis=1)
+    alpha = jax.nn.softmax(jnp.where(valid, neg_log_s, -jnp.inf))
+    alpha = jnp.where(valid, alpha, 0.0)
+    return w, alpha
+
+
+def _key_data(key):
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return jax.random.key_data(key)
+    return key.astype(jnp.uint32)
+
+
+def fedfew(
+    model: Model,
+    *,
+    num_models: int = 3,
+    mu: float = 0.01,
+    clients_per_round: int | None = None,
+    batch_size: int = 32,
+    local_steps: int | None = None,
+    local_epochs: int | None = None,
+    client_optimizer: local.OptimizerSpec = "sgd",
+    client_lr: float = 0.05,
+    server_optimizer: local.OptimizerSpec = "sgd",
+    server_lr: float = 1.0,
+    loss_at: str = "last_epoch",
+    init: str = "shared",
+    per_model_orders: bool = True,
+    eval_protocol: str = "server",
+    execution: str | ex.Execution = "vmap",
+) -> FederatedAlgorithm:
+    """FedFew (FedFewS of the released code).
+
+    Args:
+      model: the model.
+      num_models: K, the number of server models.
+      mu: the smoothing temperature (traced; `hparams["mu"]`).
+      clients_per_round: S, sampled without replacement each round (None: all).
+      batch_size, local_steps, local_epochs: local schedule (default 1 epoch).
+      client_optimizer, client_lr: the client optimizer and its lr (traced).
+      server_optimizer, server_lr: server optimizer on the pseudo-gradient
+        (default plain SGD with lr 1: the code's update).
+      loss_at: "last_epoch" or "received" (see the module docstring).
+      init: "shared" or "independent" initialisation of the K models.
+      per_model_orders: each copy draws its own minibatch order.
+      eval_protocol: "server" or "local".
+      execution: client-axis strategy.
+    """
+    algorithm.check_arg("num_models", num_models, isinstance(num_models, int)
+                        and not isinstance(num_models, bool) and num_models >= 1, "an int >= 1")
+    algorithm.check_number("mu", mu, strict=True)
+    algorithm.check_cohort_size(clients_per_round)
+    algorithm.check_number("client_lr", client_lr)
+    algorithm.check_number("server_lr", server_lr)
+    algorithm.check_arg("loss_at", loss_at, loss_at in LOSS_AT, f"one of {LOSS_AT}")
+    algorithm.check_arg("init", init, init in INITS, f"one of {INITS}")
+    algorithm.check_arg("per_model_orders", per_model_orders, isinstance(per_model_orders, bool),
+                        "a bool")
+    algorithm.check_arg("eval_protocol", eval_protocol, eval_protocol in PROTOCOLS,
+                        f"one of {PROTOCOLS}")
+    local.check_optimizer("server_optimizer", server_optimizer)
+    schedule = local.LocalSchedule(batch_size, local_steps, local_epochs, client_optimizer)
+    execution = ex.as_execution(execution)
+    loss_fn = local.model_loss_fn(model)
+    stack = lambda p: jax.tree.map(lambda a: jnp.broadcast_to(a, (num_models,) + a.shape), p)
+
+    def init_fn(key, train):
+        algorithm.check_train(train, clients_per_round)
+        if init == "shared":
+            params = stack(model.init(key))
+        else:
+            params = jax.vmap(model.init)(jax.random.split(key, num_models))
+        hp = algorithm.hparams(client_lr=client_lr, server_lr=server_lr, mu=mu)
+        opt_state = local.make_optimizer(server_optimizer, hp["server_lr"]).init(params)
+        return FedFewState(jnp.zeros((), jnp.int32), params, opt_state, params, _key_data(key),
+                           hp)
+
+    def train_all(params, data, key, lr):
+        """Trains the K models on one client: ([K, ...] params, [K] losses)."""
+        keys = jax.vmap(lambda k: jax.random.fold_in(key, k))(jnp.arange(num_models))
+        if not per_model_orders:
+            keys = jnp.broadcast_to(key, (num_models,))
+        result = jax.vmap(lambda p, k: schedule.train(loss_fn, p, data, k, lr))(params, keys)
+        epochs = schedule.epochs
+        last = None if epochs is None else result.losses.shape[1] // epochs
+        return result.params, jax.vmap(lambda r: r.mean_loss(last))(result)
+
+    def client_update(broadcast, x):
+        params, hp = broadcast
+        data, key = x
+        trained, losses = train_all(params, data, key, hp["client_lr"])
+        if loss_at == "received":
+            losses = train_losses(model, params, data)
+        deltas = jax.tree.map(jnp.subtract, trained, params)
+        return (deltas, losses), ()
+
+    def round_fn(state, train, key):
+        algorithm.check_train(train, clients_per_round)
+        sample_key, client_key = sampling.round_keys(key)
+        ids = sampling.sample_cohort(sample_key, train.num_clients, clients_per_round)
+        cohort = train.take(ids)
+        keys = sampling.client_keys(client_key, ids)
+        (deltas, losses), _ = ex.map_reduce(client_update, (state.params, state.hparams),
+                                            (cohort, keys), execution)
+        w, alpha = stch_weights(losses, cohort.num_examples, state.hparams["mu"])
+        coef = alpha[:, None] * w
+        mean_delta = jax.tree.map(lambda d: jnp.einsum("sk,sk...->k...", coef, d), deltas)
+        server_opt = local.make_optimizer(server_optimizer, state.hparams["server_lr"])
+        params, opt_state = aggregation.server_update(server_opt, state.params, state.opt_state,
+                                                      mean_delta)
+        n = cohort.num_examples.astype(jnp.float32)
+        best = jnp.min(losses, axis=1)
+        metrics = {"train_loss": jnp.sum(n * best) / jnp.maximum(jnp.sum(n), 1.0)}
+        return state.replace(round=state.round + 1, params=params, opt_state=opt_state,
+                             last_params=state.params, last_key=_key_data(key)), metrics
+
+    def evaluate_client(broadcast, x):
+        params, last_params, hp, trained_round = broadcast
+        train_row, test_row, key, in_cohort = x
+        if eval_protocol == "local":
+            trained, _ = train_all(last_params, train_row, key, hp["client_lr"])
+            use = trained_round & in_cohort
+            params = jax.tree.map(lambda t, p: jnp.where(use, t, p), trained, last_params)
+        choice = jnp.argmin(train_losses(model, params, train_row))
+        chosen = jax.tree.map(lambda a: a[choice], params)
+        return {**local.evaluate_client(model, chosen, test_row),
+                "model": choice.astype(jnp.float32)}
+
+    def evaluate(state, train, test):
+        algorithm.check_same_clients(train.num_clients, test, "test")
+        m = train.num_clients
+        last_key = jax.random.wrap_key_data(state.last_key)
+        sample_key, client_key = sampling.round_keys(last_key)
+        ids = sampling.sample_cohort(sample_key, m, clients_per_round)
+        in_cohort = jnp.zeros((m,), bool).at[ids].set(True)
+        keys = sampling.client_keys(client_key, jnp.arange(m))
+        broadcast = (state.params, state.last_params, state.hparams, state.round > 0)
+        return ex.map_clients(evaluate_client, broadcast, (train, test, keys, in_cohort),
+                              execution)
+
+    return FederatedAlgorithm(init_fn, round_fn, evaluate)
