@@ -33,6 +33,7 @@ import argparse
 import functools
 import json
 import os
+import subprocess
 import sys
 import tempfile
 
@@ -309,6 +310,23 @@ def print_report(rows, heads, targets, correct) -> None:
     print("correctness:", json.dumps(correct))
 
 
+def k_model_rows(num_clients: int, rounds: int) -> list[dict]:
+    """FedFew / IFCA (K=3) vs FedAvg round times from `k_models.speed_rows`, in a fresh
+    process (target: FedFew <= 1.3 x K x FedAvg)."""
+    if num_clients <= 0:
+        return []
+    code = ("import json, k_models; print(json.dumps(k_models.speed_rows("
+            f"{num_clients}, rounds={rounds})))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.abspath(__file__)), check=True)
+    rows = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"\nK-model rounds (M={num_clients}, one process, side by side):")
+    for r in rows:
+        print(f"  {r['algorithm']:<14} {r['round_s']:.4f} s  x FedAvg {r['vs_fedavg']:.2f}  "
+              f"x (K FedAvg) {r.get('vs_k_fedavg') or float('nan'):.2f}")
+    return [{k: v for k, v in r.items() if k != "round_times"} for r in rows]
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--clients", type=int, nargs="+", default=[100, 1000, 10000])
@@ -324,6 +342,9 @@ def main(argv=None) -> None:
     p.add_argument("--retries", type=int, default=2)
     p.add_argument("--torch-threads", type=int, default=1,
                    help="intra-op threads of the torch loop (1 is faster for this loop)")
+    p.add_argument("--k-models-clients", type=int, default=1000, metavar="M",
+                   help="also time FedFew (K=3) and IFCA (K=3) against FedAvg at M clients, side "
+                        "by side in one fresh process (k_models.speed_rows); 0 skips")
     p.add_argument("--out", default=DEFAULT_OUT)
     p.add_argument("--worker", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -361,6 +382,7 @@ def main(argv=None) -> None:
     heads = headline(rows, a.clients)
     targets = check_targets(rows, heads)
     print_report(rows, heads, targets, correct)
+    k_rows = k_model_rows(32 if a.quick else a.k_models_clients, 3 if a.quick else 10)
     config = dict(clients=a.clients, chunks=a.chunks, repeats=a.repeats, quick=a.quick,
                   wait_quiet_s=a.wait_quiet, max_others=a.max_others, retries=a.retries,
                   examples_per_client=N_EXAMPLES, model=f"MLP {FEATURES}-{HIDDEN}-{CLASSES}",
@@ -371,7 +393,7 @@ def main(argv=None) -> None:
     drop = ("data", "tmp", "label")
     C.write_json(a.out, dict(benchmark="round_speed", hardware=C.hardware(), versions=C.versions(),
                              config=config, correctness=correct, headline=heads,
-                             targets=dict(TARGETS, **targets), rows=rows,
+                             targets=dict(TARGETS, **targets), rows=rows, k_models=k_rows,
                              runs=[{k: v for k, v in r.items() if k not in drop} for r in runs]))
     if any("error" in r for r in runs) or not correct["pass(<1e-5)"]:
         sys.exit(1)
