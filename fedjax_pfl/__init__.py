@@ -13,13 +13,14 @@ Example:
   >>> result = fp.simulate(algo, train, test, rounds=10, progress=False)
 """
 
-from fedjax_pfl import algorithms, core, data, metrics, models
+from fedjax_pfl import algorithms, callbacks, core, data, metrics, models, results
 from fedjax_pfl.algorithms import ALGORITHMS
 from fedjax_pfl.core.algorithm import FederatedAlgorithm
 from fedjax_pfl.core.execution import Execution, client_mesh, shard_clients
 from fedjax_pfl.data.client_data import ClientData
 from fedjax_pfl.models.model import Model
-from fedjax_pfl.simulate import Result, TrainingDiverged, run_rounds, simulate
+from fedjax_pfl.results import Result
+from fedjax_pfl.simulate import TrainingDiverged, run_rounds, simulate, simulate_grid
 
 __version__ = "0.1.0"
 
@@ -44,13 +45,16 @@ __all__ = [
     "Result",
     "TrainingDiverged",
     "algorithms",
+    "callbacks",
     "client_mesh",
     "core",
     "data",
     "metrics",
     "models",
+    "results",
     "run_rounds",
     "shard_clients",
     "simulate",
+    "simulate_grid",
     "use_cpu_devices",
 ]

@@ -1,102 +1,58 @@
 """The driver: blocks of rounds as one jitted `lax.scan`, evaluation in between.
 
-`simulate` runs `rounds` communication rounds of an algorithm. Each block of
-`eval_every` rounds is ONE jitted call (a `lax.scan` over rounds, state
-donated), so no Python runs between rounds; after each block the algorithm's
-own `evaluate` runs (also jitted) and the host summarises it. Round r uses the
-key `fold_in(key(seed), r)`, so results do not depend on the block size and a
-run resumed from a saved state is identical.
+`simulate` runs communication rounds of an algorithm. A block of rounds is
+ONE jitted call (a `lax.scan` over rounds, state donated), so no Python runs
+between rounds; blocks end at every `eval_every`-th and `checkpoint_every`-th
+round (counted from round 0) and at the end. After an evaluation block the
+algorithm's own `evaluate` runs (also jitted) and the host summarises it.
+
+Keys: with `base = fold_in(key(seed), 1)`, round r uses `fold_in(base, r)` and
+`init` uses `fold_in(key(seed), 0)` (see `seed_keys`), so results do not depend
+on how rounds are cut into blocks, and a resumed run is bit-identical to an
+uninterrupted one.
+
+Health: inside the scan, a round whose mean train loss is NaN/Inf or above
+`max_loss_ratio` times the first round's, or whose new state is not finite,
+is not applied; the run stops after that block with `TrainingDiverged`, which
+names the round and its value and carries the last healthy state.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import functools
-import json
+import math
 import os
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
+from fedjax_pfl import callbacks as callbacks_lib
 from fedjax_pfl import metrics as metrics_lib
 from fedjax_pfl.core.algorithm import FederatedAlgorithm, check_same_clients
 from fedjax_pfl.data.client_data import ClientData
+from fedjax_pfl.results import Result, ResultsWriter, check_output
+
+__all__ = ["Result", "TrainingDiverged", "run_rounds", "seed_keys", "simulate", "simulate_grid"]
 
 
 class TrainingDiverged(FloatingPointError):
-    """Raised when the training loss becomes NaN/Inf; `.result` holds the run so far."""
+    """The run diverged; `.result` holds the run so far and the last healthy state."""
 
     def __init__(self, message: str, result: Result):
         super().__init__(message)
         self.result = result
 
 
-@dataclasses.dataclass
-class Result:
-    """What `simulate` returns.
-
-    Attributes:
-      history: one dict per round: {"round", "train_loss", ...}.
-      evals: one dict per evaluation: {"round", "acc_weighted", "acc_mean", ...}.
-      client_metrics: the last evaluation's per-client table ([M] arrays).
-      state: the final algorithm state.
-      seconds: wall time of training blocks and evaluations.
-    """
-
-    history: list[dict]
-    evals: list[dict]
-    client_metrics: dict[str, np.ndarray]
-    state: Any = None
-    seconds: dict = dataclasses.field(default_factory=lambda: {"train": 0.0, "eval": 0.0})
-
-    def to_dataframe(self):
-        """Per-round metrics joined with the evaluation summaries (pandas)."""
-        import pandas as pd
-
-        frame = pd.DataFrame(self.history, columns=["round"] + sorted(
-            {k for h in self.history for k in h} - {"round"}))
-        if self.evals:
-            frame = frame.merge(pd.DataFrame(self.evals), on="round", how="outer")
-        return frame.sort_values("round").reset_index(drop=True)
-
-    def clients_dataframe(self):
-        """The last evaluation's per-client table (pandas), one row per client."""
-        import pandas as pd
-
-        return pd.DataFrame(self.client_metrics).rename_axis("client").reset_index()
-
-    def final(self) -> dict:
-        """The last evaluation summary, with best-over-rounds accuracies."""
-        if not self.evals:
-            return {}
-        out = dict(self.evals[-1])
-        for k in ("acc_weighted", "acc_mean"):
-            out[f"best_{k}"] = max(e[k] for e in self.evals)
-        return out
-
-    def to_json(self) -> str:
-        return json.dumps({"history": self.history, "evals": self.evals, "final": self.final(),
-                           "clients": {k: v.tolist() for k, v in self.client_metrics.items()},
-                           "seconds": self.seconds}, allow_nan=True)
-
-    def save(self, directory: str, config: dict | None = None) -> None:
-        """Writes config.json, rounds.jsonl, evals.jsonl, clients.csv and summary.json."""
-        os.makedirs(directory, exist_ok=True)
-        if config is not None:
-            _write(directory, "config.json", json.dumps(config, indent=2, default=str))
-        _write(directory, "rounds.jsonl", "".join(json.dumps(h) + "\n" for h in self.history))
-        _write(directory, "evals.jsonl", "".join(json.dumps(e) + "\n" for e in self.evals))
-        self.clients_dataframe().to_csv(os.path.join(directory, "clients.csv"), index=False)
-        _write(directory, "summary.json", json.dumps({"final": self.final(),
-                                                      "seconds": self.seconds}, indent=2))
-
-
-def _write(directory, name, text):
-    with open(os.path.join(directory, name), "w") as f:
-        f.write(text)
+def seed_keys(seed: int) -> tuple[jax.Array, jax.Array]:
+    """(init key, base key of the round keys) for a run's seed."""
+    key = jax.random.key(seed)
+    return jax.random.fold_in(key, 0), jax.random.fold_in(key, 1)
 
 
 def run_rounds(round_fn, state, train: ClientData, seed_key: jax.Array, num_rounds: int):
@@ -110,11 +66,184 @@ def run_rounds(round_fn, state, train: ClientData, seed_key: jax.Array, num_roun
     return jax.lax.scan(lambda s, k: round_fn(s, train, k), state, keys)
 
 
+def _all_finite(tree) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(a)) for a in jax.tree.leaves(tree)
+              if jnp.issubdtype(a.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+def guarded_rounds(round_fn, carry, train, seed_key, ratio, num_rounds: int):
+    """`run_rounds` that stops applying rounds at the first unhealthy one.
+
+    Args:
+      carry: (state, ceiling, bad): the loss ceiling (inf until the first
+        healthy round sets it to `ratio` times its loss) and the first
+        unhealthy round (-1: none).
+
+    Returns:
+      (carry, metrics [num_rounds, ...]); rounds from `bad` on leave the state
+      as it was before round `bad`.
+    """
+    state, ceiling, bad = carry
+    start = state.round
+
+    def body(c, i):
+        state, ceiling, bad = c
+        r = start + i
+        new, metrics = round_fn(state, train, jax.random.fold_in(seed_key, r))
+        loss = jnp.mean(metrics["train_loss"])
+        ok = (bad < 0) & jnp.isfinite(loss) & (loss <= ceiling) & _all_finite(new)
+        ceiling = jnp.where(jnp.isinf(ceiling) & ok & (loss > 0), ratio * loss, ceiling)
+        bad = jnp.where((bad < 0) & ~ok, r, bad)
+        return (optax.tree.where(ok, new, state), ceiling, bad), metrics
+
+    return jax.lax.scan(body, (state, ceiling, bad), jnp.arange(num_rounds))
+
+
 @functools.lru_cache(maxsize=32)
-def _compiled(algorithm: FederatedAlgorithm):
-    block = jax.jit(functools.partial(run_rounds, algorithm.round),
-                    static_argnames="num_rounds", donate_argnums=0)
-    return block, jax.jit(algorithm.evaluate)
+def _compiled(algorithm: FederatedAlgorithm, batched: bool):
+    guarded = functools.partial(guarded_rounds, algorithm.round)
+    evaluate = algorithm.evaluate
+    if batched:
+        single = guarded
+
+        def guarded(carry, train, seed_key, ratio, num_rounds):
+            fn = functools.partial(single, num_rounds=num_rounds)
+            return jax.vmap(fn, in_axes=(0, None, 0, None))(carry, train, seed_key, ratio)
+
+        evaluate = jax.vmap(evaluate, in_axes=(0, None, None))
+    return (jax.jit(guarded, static_argnames="num_rounds", donate_argnums=0),
+            jax.jit(evaluate))
+
+
+_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
+                   "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                   "/jax/core/compile/backend_compile_duration")
+_compile_seconds = [0.0]
+
+
+def _on_event(event: str, duration: float, **_) -> None:
+    if event in _COMPILE_EVENTS:
+        _compile_seconds[0] += duration
+
+
+jax.monitoring.register_event_duration_secs_listener(_on_event)
+
+
+@contextlib.contextmanager
+def _timed(seconds: dict, key: str):
+    """Adds the wall time of the block to seconds[key], compile time to seconds["compile"]."""
+    t0, c0 = time.perf_counter(), _compile_seconds[0]
+    yield
+    compile_time = _compile_seconds[0] - c0
+    seconds["compile"] = seconds.get("compile", 0.0) + compile_time
+    seconds[key] += time.perf_counter() - t0 - compile_time
+
+
+def _own_buffers(state):
+    """Copies leaves that share a buffer with an earlier leaf (donation needs distinct ones)."""
+    seen = set()
+
+    def own(a):
+        if id(a) in seen:
+            return jnp.copy(a)
+        seen.add(id(a))
+        return a
+
+    return jax.tree.map(own, state)
+
+
+def _check_args(algorithm, train, test, rounds, eval_every, checkpoint_every, max_loss_ratio):
+    if not isinstance(algorithm, FederatedAlgorithm):
+        raise TypeError(f"algorithm: expected a FederatedAlgorithm, "
+                        f"got {type(algorithm).__name__}.")
+    for name, v, lo in (("rounds", rounds, 0), ("eval_every", eval_every, 1),
+                        ("checkpoint_every", checkpoint_every, 1)):
+        ok = isinstance(v, int) and not isinstance(v, bool) and v >= lo
+        if not ok and not (v is None and name != "rounds"):
+            raise ValueError(f"{name}: expected {'' if name == 'rounds' else 'None or '}"
+                             f"an int >= {lo}, got {v!r}.")
+    if max_loss_ratio is not None and not (isinstance(max_loss_ratio, (int, float))
+                                           and max_loss_ratio > 1):
+        raise ValueError(f"max_loss_ratio: expected None or a number > 1, got {max_loss_ratio!r}.")
+    if not isinstance(train, ClientData):
+        raise TypeError(f"train: expected a ClientData, got {type(train).__name__}.")
+    check_same_clients(train.num_clients, test, "test")
+
+
+def _check_seed(name: str, seed) -> int:
+    ok = isinstance(seed, (int, np.integer)) and not isinstance(seed, bool)
+    if not (ok and 0 <= seed < 2**63):
+        raise ValueError(f"{name}: expected an int in [0, 2**63), got {seed!r}.")
+    return int(seed)
+
+
+def _boundaries(done: int, target: int, eval_every, checkpoint_every):
+    """The next block end after round `done`."""
+    ends = [target]
+    for every in (eval_every, checkpoint_every):
+        if every:
+            ends.append((done // every + 1) * every)
+    return min(ends)
+
+
+class _Run:
+    """Host-side bookkeeping of one run: result, results directory, callbacks, progress."""
+
+    def __init__(self, out, callbacks, bar):
+        self.result = Result(history=[], evals=[], client_metrics={})
+        self.writer = ResultsWriter(out) if out else None
+        self.out = out
+        self.callbacks = tuple(callbacks)
+        self.bar = bar
+
+    def rows(self, metrics, first_round: int, count: int, state) -> None:
+        rows = [{"round": first_round + r, **{k: float(np.mean(v[r])) for k, v in metrics.items()}}
+                for r in range(count)]
+        self.result.history.extend(rows)
+        if self.writer:
+            self.writer.rounds(rows)
+        callbacks_lib.call(self.callbacks, "on_block", self.result, rows, state)
+
+    def evaluation(self, per_client, round_: int, state) -> str | None:
+        """Records an evaluation; returns a divergence message if it is not finite."""
+        table = metrics_lib.client_table(per_client)
+        summary = {"round": round_, **metrics_lib.summarize(per_client)}
+        self.result.client_metrics = table
+        self.result.client_history.append((round_, table))
+        self.result.evals.append(summary)
+        if self.writer:
+            self.writer.evaluation(summary, round_, table)
+        callbacks_lib.call(self.callbacks, "on_evaluation", self.result, summary, table, state)
+        if self.bar is not None:
+            self.bar.set_postfix(acc=f"{summary['acc_weighted']:.4f}", refresh=False)
+        if not math.isfinite(summary["loss_weighted"]):
+            bad = int(np.sum(~np.isfinite(table["loss"][table["num_examples"] > 0])))
+            return (f"evaluation at round {round_} gave a non-finite test loss for {bad} "
+                    f"client(s); the model has diverged.")
+        return None
+
+    def end(self, state, diverged: str | None = None) -> Result:
+        self.result.state = state
+        self.result.diverged = diverged
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer:
+            self.writer.finish(self.result)
+        callbacks_lib.call(self.callbacks, "on_end", self.result)
+        return self.result
+
+
+def _divergence_message(metrics, start: int, bad: int, ceiling: float) -> str:
+    loss = float(np.mean(metrics["train_loss"][bad - start]))
+    if not math.isfinite(loss):
+        what = f"the training loss became {loss}"
+    elif loss > ceiling:
+        what = f"the training loss {loss:.4g} exceeded max_loss_ratio x the first round's"
+    else:
+        what = "the state became non-finite"
+    return (f"round {bad}: {what}; the result holds the state after round {bad - 1}. Lower the "
+            "learning rate (client_lr) or check the data.")
 
 
 def simulate(
@@ -127,95 +256,243 @@ def simulate(
     seed: int = 0,
     state: Any = None,
     progress: bool = True,
+    out: str | None = None,
+    overwrite: bool = False,
+    config: dict | None = None,
+    checkpoint_dir: str | None = None,
+    checkpoint_every: int | None = None,
+    keep_checkpoints: int = 3,
+    resume: bool = False,
+    callbacks: Sequence[Any] = (),
+    max_loss_ratio: float | None = 1e6,
 ) -> Result:
-    """Runs `rounds` rounds, evaluating every `eval_every` rounds (and at round 0).
+    """Runs rounds, evaluating at round 0, every `eval_every` rounds and at the end.
 
     Args:
       algorithm: a `FederatedAlgorithm`.
       train, test: the clients' train and test data (same M).
-      rounds: number of rounds to run.
-      eval_every: rounds per jitted block (None: one block, evaluate at the end).
+      rounds: rounds to run; when resuming from a checkpoint, the run's total.
+      eval_every: rounds between evaluations (None: only at the end).
       seed: the run's seed (init and round keys come from `seed_keys(seed)`).
-      state: resume from this state instead of calling `algorithm.init` (it is
-        copied, since blocks donate their input state).
+      state: start from this state instead of `algorithm.init` (it is copied,
+        since blocks donate their input state).
       progress: show a progress bar on stderr.
+      out: results directory written as the run goes (see `fedjax_pfl.results`);
+        a non-empty one is refused unless `resume` or `overwrite`.
+      overwrite: replace the results files of an existing `out`.
+      config: the run's configuration, saved as `out/config.json` and in checkpoints.
+      checkpoint_dir: where checkpoints go (default `out/checkpoints` when
+        checkpointing with `out`).
+      checkpoint_every: save a checkpoint every this many rounds (and at the end).
+      keep_checkpoints: how many of the newest checkpoints to keep.
+      resume: continue from the newest checkpoint in `checkpoint_dir` (a fresh
+        start if there is none); the same call after a kill ends bit-identical
+        to an uninterrupted run.
+      callbacks: objects with `on_block` / `on_evaluation` / `on_end` (see
+        `fedjax_pfl.callbacks`).
+      max_loss_ratio: a round whose train loss exceeds this times the first
+        round's counts as diverged (None: only NaN/Inf).
 
     Raises:
-      TrainingDiverged: the training loss became NaN/Inf (message names the round).
+      TrainingDiverged: a round or an evaluation was not finite (or the loss
+        exceeded the ceiling); `.result.state` is the last healthy state,
+        results so far are on disk and the last good checkpoint is kept.
     """
-    if not isinstance(algorithm, FederatedAlgorithm):
-        raise TypeError(f"algorithm: expected a FederatedAlgorithm, "
-                        f"got {type(algorithm).__name__}.")
-    for name, v, lo in (("rounds", rounds, 0), ("seed", seed, 0)):
-        if not (isinstance(v, int) and not isinstance(v, bool) and v >= lo):
-            raise ValueError(f"{name}: expected an int >= {lo}, got {v!r}.")
-    if eval_every is not None and not (isinstance(eval_every, int) and eval_every >= 1):
-        raise ValueError(f"eval_every: expected None or an int >= 1, got {eval_every!r}.")
-    if not isinstance(train, ClientData):
-        raise TypeError(f"train: expected a ClientData, got {type(train).__name__}.")
-    check_same_clients(train.num_clients, test, "test")
-
+    _check_args(algorithm, train, test, rounds, eval_every, checkpoint_every, max_loss_ratio)
+    seed = _check_seed("seed", seed)
+    if resume and state is not None:
+        raise ValueError("state: give either state or resume=True, not both.")
+    if out is not None:
+        check_output(out, resume=resume, overwrite=overwrite)
+    if checkpoint_dir is None and out is not None and (checkpoint_every or resume):
+        checkpoint_dir = os.path.join(out, "checkpoints")
+    if (resume or checkpoint_every) and checkpoint_dir is None:
+        raise ValueError(f"{'resume' if resume else 'checkpoint_every'}: expected checkpoint_dir "
+                         "or out (where the checkpoints go).")
     init_key, round_key = seed_keys(seed)
-    if state is None:
-        state = algorithm.init(init_key, train)
-    else:
-        state = jax.tree.map(jnp.copy, state)
-    block_fn, eval_fn = _compiled(algorithm)
-    result = Result(history=[], evals=[], client_metrics={})
-    bar = _progress(rounds, progress)
+    state = algorithm.init(init_key, train) if state is None else jax.tree.map(jnp.copy, state)
+    state = _own_buffers(state)
+    ckpt, meta = None, None
+    if checkpoint_dir is not None:
+        from fedjax_pfl.checkpoint import Checkpoints
+
+        ckpt = Checkpoints(checkpoint_dir, keep_checkpoints)
+        if resume and ckpt.latest() is not None:
+            fresh = state
+            state, meta = ckpt.restore(state)
+            _check_same_run(checkpoint_dir, meta, seed, fresh.hparams, state.hparams)
+    done = int(state.round)
+    target = rounds if meta is not None else done + rounds
+    run = _Run(out, callbacks, _progress(target, done, progress))
+    if run.writer:
+        run.writer.start(config or {}, resume_round=done if meta is not None else None)
+    block_fn, eval_fn = _compiled(algorithm, False)
+    ceiling = jnp.float32(meta["ceiling"] if meta else np.inf)
+    ratio = jnp.float32(np.inf if max_loss_ratio is None else max_loss_ratio)
 
     def evaluate():
-        t0 = time.perf_counter()
-        per_client = jax.device_get(eval_fn(state, train, test))
-        result.seconds["eval"] += time.perf_counter() - t0
-        result.client_metrics = metrics_lib.client_table(per_client)
-        summary = {"round": int(state.round), **metrics_lib.summarize(per_client)}
-        result.evals.append(summary)
-        if bar is not None:
-            bar.set_postfix(acc=f"{summary['acc_weighted']:.4f}", refresh=False)
+        with _timed(run.result.seconds, "eval"):
+            per_client = jax.device_get(eval_fn(state, train, test))
+        return run.evaluation(per_client, int(state.round), state)
 
-    evaluate()
-    block = eval_every or max(rounds, 1)
-    done = 0
-    while done < rounds:
-        num = min(block, rounds - done)
-        done += num
-        t0 = time.perf_counter()
-        start = int(state.round)
-        state, block_metrics = block_fn(state, train, round_key, num_rounds=num)
-        block_metrics = jax.device_get(block_metrics)
-        result.seconds["train"] += time.perf_counter() - t0
-        for r in range(num):
-            result.history.append({"round": start + r + 1, **{
-                k: float(np.asarray(v[r]).mean()) for k, v in block_metrics.items()}})
-        bad = [h["round"] for h in result.history[-num:] if not np.isfinite(h["train_loss"])]
-        if bad:
-            result.state = state
-            if bar is not None:
-                bar.close()
-            raise TrainingDiverged(
-                f"training loss became {result.history[bad[0] - start - 1]['train_loss']} at "
-                f"round {bad[0]}; lower the learning rate (client_lr) or check the data.", result)
-        evaluate()
-        if bar is not None:
-            bar.update(num)
-    if bar is not None:
-        bar.close()
-    result.state = state
+    if meta is not None:
+        run.result.history, run.result.evals = meta["history"], meta["evals"]
+        diverged = None
+    else:
+        diverged = evaluate()
+    while diverged is None and done < target:
+        end = _boundaries(done, target, eval_every, checkpoint_every)
+        with _timed(run.result.seconds, "train"):
+            (state, ceiling, bad), block_metrics = block_fn(
+                (state, ceiling, jnp.int32(-1)), train, round_key, ratio, num_rounds=end - done)
+            block_metrics, bad = jax.device_get((block_metrics, bad))
+        if bad >= 0:
+            diverged = _divergence_message(block_metrics, done + 1, int(bad) + 1, float(ceiling))
+            run.rows(block_metrics, done + 1, int(bad) - done + 1, state)
+            break
+        run.rows(block_metrics, done + 1, end - done, state)
+        if run.bar is not None:
+            run.bar.update(end - done)
+        done = end
+        if (eval_every and done % eval_every == 0) or done == target:
+            diverged = evaluate()
+        if ckpt is not None and not diverged and (
+                (checkpoint_every and done % checkpoint_every == 0) or done == target):
+            ckpt.save(done, state, {"seed": seed, "round_key": _key_list(round_key),
+                                    "ceiling": float(ceiling), "config": config or {},
+                                    "history": run.result.history, "evals": run.result.evals})
+    if ckpt is not None:
+        ckpt.close()
+    result = run.end(state, diverged)
+    if diverged:
+        where = f" Results so far: {out}." if out else ""
+        raise TrainingDiverged(diverged + where, result)
     return result
 
 
-def seed_keys(seed: int) -> tuple[jax.Array, jax.Array]:
-    """(init key, base key of the round keys) for a run's seed."""
-    key = jax.random.key(seed)
-    return jax.random.fold_in(key, 0), jax.random.fold_in(key, 1)
+def _check_same_run(directory, meta, seed, want_hparams, got_hparams) -> None:
+    """A resumed run must have the checkpoint's seed and numeric hyperparameters."""
+    if meta.get("seed") != seed:
+        raise ValueError(f"seed: the checkpoints in {directory!r} were made with seed "
+                         f"{meta.get('seed')}, got {seed}.")
+    for name, want in want_hparams.items():
+        got = got_hparams.get(name)
+        if got is None or not np.array_equal(np.asarray(want), np.asarray(got)):
+            raise ValueError(f"{name}: the checkpoints in {directory!r} were made with "
+                             f"{name}={np.asarray(got).tolist()}, got {np.asarray(want).tolist()}.")
 
 
-def _progress(total: int, enabled: bool):
+def _key_list(key) -> list[int]:
+    return [int(v) for v in np.asarray(jax.random.key_data(key)).ravel()]
+
+
+def simulate_grid(
+    algorithm: FederatedAlgorithm,
+    train: ClientData,
+    test: ClientData,
+    *,
+    seeds: Sequence[int],
+    hparams: dict[str, Sequence[float]] | None = None,
+    rounds: int,
+    eval_every: int | None = None,
+    progress: bool = True,
+    outs: Sequence[str | None] | None = None,
+    configs: Sequence[dict] | None = None,
+    max_loss_ratio: float | None = 1e6,
+) -> list[Result]:
+    """P runs of one algorithm that differ only in seed and numeric hparams, as ONE compile.
+
+    The P states are stacked on a leading axis and every block of rounds and
+    every evaluation is `jax.vmap`ped over it. Point p uses seed `seeds[p]` and
+    `state.hparams[k] = hparams[k][p]`. A point that diverges keeps its last
+    healthy state and `result.diverged` says why; the others go on.
+
+    Args:
+      algorithm, train, test, rounds, eval_every, progress, max_loss_ratio: as
+        for `simulate`.
+      seeds: [P] run seeds.
+      hparams: name -> [P] values, overriding entries of `state.hparams`.
+      outs: [P] results directories (or None entries), written as for `simulate`.
+      configs: [P] configs saved as each point's config.json.
+
+    Returns:
+      P `Result`s.
+    """
+    _check_args(algorithm, train, test, rounds, eval_every, None, max_loss_ratio)
+    seeds = [_check_seed(f"seeds[{p}]", s) for p, s in enumerate(seeds)]
+    num = len(seeds)
+    hparams = dict(hparams or {})
+    outs = list(outs) if outs is not None else [None] * num
+    configs = list(configs) if configs is not None else [{}] * num
+    for name, values in (("outs", outs), ("configs", configs), *hparams.items()):
+        if len(values) != num:
+            raise ValueError(f"{name}: expected {num} values (one per seed), got {len(values)}.")
+    states = [algorithm.init(seed_keys(s)[0], train) for s in seeds]
+    unknown = set(hparams) - set(states[0].hparams)
+    if unknown:
+        raise ValueError(f"hparams: {sorted(unknown)} are not traced hyperparameters of this "
+                         f"algorithm; it has {sorted(states[0].hparams)}.")
+    for out in outs:
+        if out is not None:
+            check_output(out)
+    state = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+    state = state.replace(hparams={**state.hparams, **{
+        k: jnp.asarray(v, jnp.float32) for k, v in hparams.items()}})
+    round_keys = jnp.stack([seed_keys(s)[1] for s in seeds])
+    runs = [_Run(out, (), None) for out in outs]
+    for run, config in zip(runs, configs):
+        if run.writer:
+            run.writer.start(config)
+    bar = _progress(rounds, 0, progress)
+    block_fn, eval_fn = _compiled(algorithm, True)
+    ceiling = jnp.full((num,), np.inf, jnp.float32)
+    bad = jnp.full((num,), -1, jnp.int32)
+    ratio = jnp.float32(np.inf if max_loss_ratio is None else max_loss_ratio)
+    diverged: list[str | None] = [None] * num
+    seconds = {"train": 0.0, "eval": 0.0}
+    point = lambda tree, p: jax.tree.map(lambda a: a[p], tree)
+
+    def evaluate():
+        with _timed(seconds, "eval"):
+            per_client = jax.device_get(eval_fn(state, train, test))
+        for p, run in enumerate(runs):
+            if diverged[p] is None:
+                diverged[p] = run.evaluation(point(per_client, p), int(state.round[p]), None)
+
+    evaluate()
+    done = 0
+    while done < rounds:
+        end = _boundaries(done, rounds, eval_every, None)
+        with _timed(seconds, "train"):
+            (state, ceiling, bad), block_metrics = block_fn(
+                (state, ceiling, bad), train, round_keys, ratio, num_rounds=end - done)
+            block_metrics, bad_host = jax.device_get((block_metrics, bad))
+        for p, run in enumerate(runs):
+            if diverged[p] is None:
+                count = end - done if bad_host[p] < 0 else int(bad_host[p]) - done + 1
+                run.rows(point(block_metrics, p), done + 1, count, None)
+                if bad_host[p] >= 0:
+                    diverged[p] = _divergence_message(point(block_metrics, p), done + 1,
+                                                      int(bad_host[p]) + 1, float(ceiling[p]))
+        if bar is not None:
+            bar.update(end - done)
+        done = end
+        if (eval_every and done % eval_every == 0) or done == rounds:
+            evaluate()
+    if bar is not None:
+        bar.close()
+    results = []
+    for p, run in enumerate(runs):
+        run.result.seconds = {k: v / num for k, v in seconds.items()}
+        results.append(run.end(point(state, p), diverged[p]))
+    return results
+
+
+def _progress(total: int, initial: int, enabled: bool):
     if not enabled:
         return None
     try:
         from tqdm.auto import tqdm
     except ImportError:
         return None
-    return tqdm(total=total, unit="round", leave=False)
+    return tqdm(total=total, initial=initial, unit="round", leave=False)

@@ -177,8 +177,9 @@ def fedfew(
             params = jax.vmap(model.init)(jax.random.split(key, num_models))
         hp = algorithm.hparams(client_lr=client_lr, server_lr=server_lr, mu=mu)
         opt_state = local.make_optimizer(server_optimizer, hp["server_lr"]).init(params)
-        return FedFewState(jnp.zeros((), jnp.int32), params, opt_state, params, _key_data(key),
-                           hp)
+        # last_params is its own copy: a donated state must not hold one buffer twice.
+        return FedFewState(jnp.zeros((), jnp.int32), params, opt_state,
+                           jax.tree.map(jnp.copy, params), _key_data(key), hp)
 
     def train_all(params, data, key, lr):
         """Trains the K models on one client: ([K, ...] params, [K] losses)."""
