@@ -20,6 +20,7 @@ from fedjax_pfl.core.execution import Execution, client_mesh, shard_clients
 from fedjax_pfl.data.client_data import ClientData
 from fedjax_pfl.models.model import Model
 from fedjax_pfl.simulate import Result, TrainingDiverged, run_rounds, simulate
+from fedjax_pfl.sweep import sweep
 
 __version__ = "0.1.0"
 
@@ -52,5 +53,6 @@ __all__ = [
     "run_rounds",
     "shard_clients",
     "simulate",
+    "sweep",
     "use_cpu_devices",
 ]
