@@ -1,4 +1,4 @@
-"""The `fedjax-pfl` command line: `run`, `demo` and `list`.
+"""The `fedjax-pfl` command line: `run`, `sweep`, `demo` and `list`.
 
 Examples:
   fedjax-pfl list
@@ -6,11 +6,15 @@ Examples:
   fedjax-pfl run --algorithm fedavg --dataset digits --partition dirichlet --alpha 0.5 \\
       --clients 20 --rounds 50 --eval-every 5 --set client_lr=0.05 --set local_epochs=2
   fedjax-pfl run --config cfg.toml --rounds 10
+  fedjax-pfl sweep sweep.toml --out results/my-sweep
 
 A config file is TOML with a `[run]` table (the run options, named like the
 flags with underscores: algorithm, dataset, rounds, eval_every, ...) and an
 `[algorithm]` table (keyword arguments of the algorithm factory, like `--set`).
-Flags override the file. Set FEDJAX_PFL_DEBUG=1 to get tracebacks.
+Flags override the file. A sweep file has a [sweep] table (run options shared
+by every point, and optionally `out`), a [grid] table (key -> list of values;
+run options or algorithm keywords) and an [algorithm] table (fixed keywords);
+see `fedjax_pfl.sweep`. Set FEDJAX_PFL_DEBUG=1 to get tracebacks.
 """
 
 from __future__ import annotations
@@ -90,6 +94,15 @@ def _parser() -> argparse.ArgumentParser:
                      help="an algorithm factory keyword argument (repeatable)")
     run.add_argument("--config", metavar="FILE", help="TOML file: [run] and [algorithm] tables")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    sweep = sub.add_parser("sweep", help="run a grid of configurations, vmapped where only "
+                           "numbers and seeds differ")
+    sweep.add_argument("config", metavar="CONFIG.toml",
+                       help="TOML file: [sweep], [grid] and [algorithm] tables")
+    sweep.add_argument("--out", metavar="DIR", help="sweep directory (default: [sweep] out, "
+                       "else results/sweep-<config name>); re-running resumes it")
+    sweep.add_argument("--overwrite", action="store_true",
+                       help="replace a different sweep found in --out")
+    sweep.add_argument("--quiet", action="store_true", help="no progress bars")
     demo = sub.add_parser("demo", help="compare fedavg, fedavg_ft, local and fedprox on digits")
     demo.add_argument("--rounds", type=int, default=30, help="rounds per algorithm (default 30)")
     demo.add_argument("--out", help="also save each run under OUT/<algorithm>")
@@ -312,6 +325,26 @@ def _cmd_run(args) -> int:
     return 0
 
 
+def _cmd_sweep(args) -> int:
+    from fedjax_pfl.sweep import sweep
+
+    blob = _load_toml(args.config, ("sweep", "grid", "algorithm"))
+    base = dict(blob["sweep"])
+    stem = os.path.splitext(os.path.basename(args.config))[0]
+    out = args.out or base.pop("out", None) or os.path.join("results", f"sweep-{stem}")
+    base.pop("out", None)
+    if not isinstance(out, str):
+        raise ValueError(f"out: expected a directory name, got {out!r}.")
+    frame = sweep(blob["grid"], base=base, algorithm_kwargs=blob["algorithm"], out=out,
+                  progress=not args.quiet, overwrite=args.overwrite)
+    columns = [c for c in frame.columns[1:frame.columns.get_loc("status") + 1]
+               if frame[c].nunique(dropna=False) > 1 or c in ("algorithm", "status")]
+    columns += ["acc_weighted", "acc_min", "seconds_per_round"]
+    print(_table(frame.astype(object).where(frame.notna(), "-").to_dict("records"), columns))
+    print(f"\n{len(frame)} points; table, plots and per-point results in {out}")
+    return 0
+
+
 def _cmd_demo(args) -> int:
     if args.rounds < 0:
         raise ValueError(f"rounds: expected an int >= 0, got {args.rounds}.")
@@ -353,7 +386,8 @@ def main(argv: list[str] | None = None) -> int:
         args = _parser().parse_args(argv)
     except SystemExit as e:  # --help, or a usage error already printed
         return e.code if isinstance(e.code, int) else 0
-    command = {"run": _cmd_run, "demo": _cmd_demo, "list": _cmd_list}[args.command]
+    command = {"run": _cmd_run, "sweep": _cmd_sweep, "demo": _cmd_demo,
+               "list": _cmd_list}[args.command]
     try:
         return command(args)
     except BrokenPipeError:  # e.g. `fedjax-pfl list | head`

@@ -184,7 +184,6 @@ def sweep(grid: dict, *, base: dict | None = None, algorithm_kwargs: dict | None
     defaults = {k: spec[1] for k, spec in cli.RUN_OPTIONS.items()} | {"data_seed": 0} | base
     spec = {"sweep": {k: defaults[k] for k in sorted(OPTIONS - set(grid))} | {"devices": devices},
             "grid": grid, "algorithm": dict(algorithm_kwargs or {})}
-    _prepare(out, json.loads(json.dumps(spec, default=str)), overwrite)
     if devices:
         fp.use_cpu_devices(devices)
     data, built = {}, {}
@@ -195,6 +194,7 @@ def sweep(grid: dict, *, base: dict | None = None, algorithm_kwargs: dict | None
         algorithm, train, _, info = cli._build({**p.run, "devices": None}, p.kwargs, data[dkey])
         names = set(jax.eval_shape(algorithm.init, jax.random.key(0), train).hparams)
         built[p.id] = (algorithm, names, info, data[dkey])
+    _prepare(out, json.loads(json.dumps(spec, default=str)), overwrite)
     groups = group_points(points, lambda p: built[p.id][1])
     group_of = {p.id: g for g, group in enumerate(groups) for p in group}
     for g, group in enumerate(groups):
