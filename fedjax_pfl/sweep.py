@@ -185,7 +185,10 @@ def sweep(grid: dict, *, base: dict | None = None, algorithm_kwargs: dict | None
     spec = {"sweep": {k: defaults[k] for k in sorted(OPTIONS - set(grid))} | {"devices": devices},
             "grid": grid, "algorithm": dict(algorithm_kwargs or {})}
     if devices:
-        fp.use_cpu_devices(devices)
+        try:
+            fp.use_cpu_devices(devices)
+        except RuntimeError as e:
+            raise RuntimeError(f"devices: JAX is already initialised in this process ({e})") from e
     data, built = {}, {}
     for p in points:  # builds data and algorithms, validating every value before any compile
         dkey = json.dumps([p.run[k] for k in DATA] + [p.run["model"] == "cnn"], default=str)
@@ -238,10 +241,7 @@ def _prepare(out: str, spec: dict, overwrite: bool) -> None:
     """Refuses an `out` holding something else than this spec's sweep, unless overwriting."""
     path = os.path.join(out, "sweep.json")
     existing = os.listdir(out) if os.path.isdir(out) else []
-    saved = None
-    if os.path.exists(path):
-        with open(path) as f:
-            saved = json.load(f)
+    saved = _read_json(path)
     if existing and saved != spec:
         if not overwrite:
             what = "a different sweep" if saved is not None else "files of no sweep"
@@ -255,12 +255,16 @@ def _prepare(out: str, spec: dict, overwrite: bool) -> None:
         json.dump(spec, f, indent=2)
 
 
-def _summary(directory: str) -> dict:
+def _read_json(path: str):
     try:
-        with open(os.path.join(directory, "summary.json")) as f:
+        with open(path) as f:
             return json.load(f)
-    except (OSError, ValueError):
-        return {}
+    except (OSError, ValueError):  # missing, or cut short by a kill
+        return None
+
+
+def _summary(directory: str) -> dict:
+    return _read_json(os.path.join(directory, "summary.json")) or {}
 
 
 def _jsonl(path: str) -> list[dict]:
@@ -320,16 +324,19 @@ def _plots(frame, points: list[Point], out: str) -> None:
         return {a: (m[x].tolist(), m[y].tolist()) for a, m in means.groupby("algorithm")}
 
     ok = frame[frame["status"] == "finished"]
-    settings = [c for c in frame.columns[1:frame.columns.get_loc("status")] if c != "seed"]
-    best = ok.groupby(settings, dropna=False)["acc_weighted"].mean().reset_index()
+    rest = [c for c in frame.columns[1:frame.columns.get_loc("status")]
+            if c not in ("algorithm", "clients", "seed")]
+    ok = ok.assign(setting=[str(tuple(r)) for r in ok[rest].itertuples(index=False)])
+    best = ok.groupby(["algorithm", "clients", "setting"])["acc_weighted"].mean().reset_index()
     best = best.groupby(["algorithm", "clients"])["acc_weighted"].max().reset_index()
     save("accuracy_vs_clients.png", "final accuracy (best setting, mean over seeds)", "clients",
          "weighted accuracy", by_algorithm(best, "clients", "acc_weighted"))
     save("round_time_vs_clients.png", "seconds per round", "clients", "seconds",
          by_algorithm(frame.dropna(subset=["seconds_per_round"]), "clients", "seconds_per_round"))
     for key in points[0].grid:
-        values = frame[key].dropna().unique() if key not in cli.RUN_OPTIONS else []
-        if len(values) > 1 and pd.api.types.is_numeric_dtype(frame[key]):
+        numeric = key not in cli.RUN_OPTIONS and pd.api.types.is_numeric_dtype(frame[key])
+        values = frame[key].dropna().unique() if numeric else []
+        if len(values) > 1:
             rows = ok.dropna(subset=[key])
             logx = min(values) > 0 and max(values) >= 10 * min(values)
             save(f"accuracy_vs_{key}.png", f"final accuracy vs {key} (mean over the rest)", key,
