@@ -21,6 +21,7 @@ from fedjax_pfl.data.client_data import ClientData
 from fedjax_pfl.models.model import Model
 from fedjax_pfl.results import Result
 from fedjax_pfl.simulate import TrainingDiverged, run_rounds, simulate, simulate_grid
+from fedjax_pfl.sweep import sweep
 
 __version__ = "0.1.0"
 
@@ -56,5 +57,6 @@ __all__ = [
     "shard_clients",
     "simulate",
     "simulate_grid",
+    "sweep",
     "use_cpu_devices",
 ]

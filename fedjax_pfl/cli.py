@@ -1,4 +1,4 @@
-"""The `fedjax-pfl` command line: `run`, `demo` and `list`.
+"""The `fedjax-pfl` command line: `run`, `sweep`, `demo` and `list`.
 
 Examples:
   fedjax-pfl list
@@ -6,11 +6,15 @@ Examples:
   fedjax-pfl run --algorithm fedavg --dataset digits --partition dirichlet --alpha 0.5 \\
       --clients 20 --rounds 50 --eval-every 5 --set client_lr=0.05 --set local_epochs=2
   fedjax-pfl run --config cfg.toml --rounds 10
+  fedjax-pfl sweep sweep.toml --out results/my-sweep
 
 A config file is TOML with a `[run]` table (the run options, named like the
 flags with underscores: algorithm, dataset, rounds, eval_every, ...) and an
 `[algorithm]` table (keyword arguments of the algorithm factory, like `--set`).
-Flags override the file. Set FEDJAX_PFL_DEBUG=1 to get tracebacks.
+Flags override the file. A sweep file has a [sweep] table (run options shared
+by every point, and optionally `out`), a [grid] table (key -> list of values;
+run options or algorithm keywords) and an [algorithm] table (fixed keywords);
+see `fedjax_pfl.sweep`. Set FEDJAX_PFL_DEBUG=1 to get tracebacks.
 """
 
 from __future__ import annotations
@@ -36,14 +40,16 @@ RUN_OPTIONS = {
     "clients": (int, 20, "number of clients"),
     "rounds": (int, 50, "communication rounds"),
     "eval_every": (int, 5, "rounds between evaluations"),
-    "seed": (int, 0, "seed of the data split and of the run"),
+    "seed": (int, 0, "seed of the run (init and round keys) and, by default, of the data split"),
+    "data_seed": (int, None, "seed of the data split (default: seed)"),
     "model": (str, "mlp", "logreg, mlp or cnn"),
     "execution": (str, "vmap", "client-axis strategy: vmap, chunked or sharded"),
     "chunk_size": (int, None, "clients per chunk (chunked: default 64; sharded: optional)"),
     "devices": (int, None, "split the host CPU into N JAX devices (for sharded)"),
     "out": (str, None, "results directory (default: results/<algorithm>-<dataset>-<time>)"),
 }
-MINIMUM = {"clients": 1, "rounds": 0, "eval_every": 1, "seed": 0, "chunk_size": 1, "devices": 1}
+MINIMUM = {"clients": 1, "rounds": 0, "eval_every": 1, "seed": 0, "data_seed": 0, "chunk_size": 1,
+           "devices": 1}
 DEMO_ALGORITHMS = ("fedavg", "fedavg_ft", "local", "fedprox")
 DEMO_HPARAMS = {"client_lr": 0.1, "local_epochs": 2}
 SUMMARY_KEYS = ("acc_weighted", "acc_mean", "acc_std", "acc_min", "acc_p10", "acc_p50",
@@ -88,6 +94,15 @@ def _parser() -> argparse.ArgumentParser:
                      help="an algorithm factory keyword argument (repeatable)")
     run.add_argument("--config", metavar="FILE", help="TOML file: [run] and [algorithm] tables")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    sweep = sub.add_parser("sweep", help="run a grid of configurations, vmapped where only "
+                           "numbers and seeds differ")
+    sweep.add_argument("config", metavar="CONFIG.toml",
+                       help="TOML file: [sweep], [grid] and [algorithm] tables")
+    sweep.add_argument("--out", metavar="DIR", help="sweep directory (default: [sweep] out, "
+                       "else results/sweep-<config name>); re-running resumes it")
+    sweep.add_argument("--overwrite", action="store_true",
+                       help="replace a different sweep found in --out")
+    sweep.add_argument("--quiet", action="store_true", help="no progress bars")
     demo = sub.add_parser("demo", help="compare fedavg, fedavg_ft, local and fedprox on digits")
     demo.add_argument("--rounds", type=int, default=30, help="rounds per algorithm (default 30)")
     demo.add_argument("--out", help="also save each run under OUT/<algorithm>")
@@ -95,23 +110,29 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load_config(path: str) -> tuple[dict, dict]:
+def _load_toml(path: str, tables: tuple[str, ...], flag: str = "config") -> dict[str, dict]:
+    """The tables of a TOML file (missing ones empty); anything else is an error."""
     try:
         import tomllib
     except ImportError as e:  # Python 3.10
-        raise ImportError("--config needs Python >= 3.11 (tomllib).") from e
+        raise ImportError(f"{flag}: needs Python >= 3.11 (tomllib).") from e
     try:
         with open(path, "rb") as f:
             blob = tomllib.load(f)
     except OSError as e:
-        raise ValueError(f"config: cannot read {path}: {e.strerror or e}") from e
+        raise ValueError(f"{flag}: cannot read {path}: {e.strerror or e}") from e
     except tomllib.TOMLDecodeError as e:
-        raise ValueError(f"config: {path}: invalid TOML: {e}") from e
-    extra = set(blob) - {"run", "algorithm"}
-    if extra or not all(isinstance(blob.get(t, {}), dict) for t in ("run", "algorithm")):
-        raise ValueError(f"config: {path}: expected only [run] and [algorithm] tables, "
-                         f"got {sorted(blob)}.")
-    return blob.get("run", {}), blob.get("algorithm", {})
+        raise ValueError(f"{flag}: {path}: invalid TOML: {e}") from e
+    if set(blob) - set(tables) or not all(isinstance(blob.get(t, {}), dict) for t in tables):
+        names = [f"[{t}]" for t in tables]
+        raise ValueError(f"{flag}: {path}: expected only {', '.join(names[:-1])} and "
+                         f"{names[-1]} tables, got {sorted(blob)}.")
+    return {t: blob.get(t, {}) for t in tables}
+
+
+def _load_config(path: str) -> tuple[dict, dict]:
+    blob = _load_toml(path, ("run", "algorithm"))
+    return blob["run"], blob["algorithm"]
 
 
 def _resolve(args) -> tuple[dict, dict]:
@@ -124,14 +145,7 @@ def _resolve(args) -> tuple[dict, dict]:
     cfg = {name: spec[1] for name, spec in RUN_OPTIONS.items()}
     cfg.update(file_run)
     cfg.update({k: v for k, v in vars(args).items() if k in RUN_OPTIONS and v is not None})
-    for name, (kind, _, _) in RUN_OPTIONS.items():
-        v = cfg[name]
-        if kind is float and isinstance(v, int) and not isinstance(v, bool):
-            cfg[name] = v = float(v)
-        if v is not None and (type(v) is not kind):
-            raise ValueError(f"{name}: expected {kind.__name__}, got {v!r}.")
-        if v is not None and name in MINIMUM and v < MINIMUM[name]:
-            raise ValueError(f"{name}: expected an int >= {MINIMUM[name]}, got {v}.")
+    _check_options(cfg)
     algo = dict(file_algo)
     for item in args.set:
         key, sep, text = item.partition("=")
@@ -139,6 +153,18 @@ def _resolve(args) -> tuple[dict, dict]:
             raise ValueError(f"--set: expected KEY=VALUE, got {item!r}.")
         algo[key.strip()] = parse_value(text)
     return cfg, algo
+
+
+def _check_options(cfg: dict) -> None:
+    """Checks the types and minimums of run options in place (ints become floats where due)."""
+    for name, (kind, _, _) in RUN_OPTIONS.items():
+        v = cfg.get(name)
+        if kind is float and isinstance(v, int) and not isinstance(v, bool):
+            cfg[name] = v = float(v)
+        if v is not None and (type(v) is not kind):
+            raise ValueError(f"{name}: expected {kind.__name__}, got {v!r}.")
+        if v is not None and name in MINIMUM and v < MINIMUM[name]:
+            raise ValueError(f"{name}: expected an int >= {MINIMUM[name]}, got {v}.")
 
 
 def accepted_kwargs(factory) -> set[str]:
@@ -169,8 +195,8 @@ def _dataset_kwargs(cfg: dict) -> dict:
     return kwargs
 
 
-def _build(cfg: dict, algo_kwargs: dict):
-    """(algorithm, train, test, info) for resolved options; validates names first."""
+def _algorithm_kwargs(cfg: dict, algo_kwargs: dict) -> dict:
+    """Validates the registry names and the factory kwargs; returns the kwargs to pass."""
     import fedjax_pfl as fp
     from fedjax_pfl.core.execution import STRATEGIES
 
@@ -180,8 +206,7 @@ def _build(cfg: dict, algo_kwargs: dict):
         if cfg[kind] not in registry:
             raise ValueError(f"{kind}: unknown {kind} {cfg[kind]!r}; expected one of "
                              f"{sorted(registry)}.")
-    factory = fp.ALGORITHMS[cfg["algorithm"]]
-    accepted = accepted_kwargs(factory)
+    accepted = accepted_kwargs(fp.ALGORITHMS[cfg["algorithm"]])
     for key in algo_kwargs:
         if key == "execution":
             raise ValueError("execution: set it with --execution/--chunk-size ([run] table).")
@@ -194,17 +219,48 @@ def _build(cfg: dict, algo_kwargs: dict):
             raise ValueError(f"execution: {cfg['algorithm']} does not take an execution.")
         chunk = cfg["chunk_size"] or (64 if cfg["execution"] == "chunked" else None)
         kwargs["execution"] = fp.Execution(cfg["execution"], chunk_size=chunk)
+    return kwargs
+
+
+def _load_data(cfg: dict):
+    """(train, test, info) of the resolved options (fills dataset defaults into cfg)."""
+    import fedjax_pfl as fp
+
+    return fp.data.federated_dataset(
+        cfg["dataset"], num_clients=cfg["clients"], partition=cfg["partition"],
+        seed=cfg["seed"] if cfg.get("data_seed") is None else cfg["data_seed"],
+        train_fraction=cfg["train_fraction"], image=cfg["model"] == "cnn",
+        **_dataset_kwargs(cfg))
+
+
+def _build(cfg: dict, algo_kwargs: dict, data=None):
+    """(algorithm, train, test, info) for resolved options; validates names first.
+
+    Args:
+      cfg, algo_kwargs: resolved run options and factory kwargs.
+      data: (train, test, info) already loaded for cfg (default: load it).
+    """
+    import fedjax_pfl as fp
+
+    kwargs = _algorithm_kwargs(cfg, algo_kwargs)
     if cfg["devices"]:
         try:
             fp.use_cpu_devices(cfg["devices"])
         except RuntimeError as e:
             raise RuntimeError(f"devices: JAX is already initialised in this process ({e})") from e
-    train, test, info = fp.data.federated_dataset(
-        cfg["dataset"], num_clients=cfg["clients"], partition=cfg["partition"], seed=cfg["seed"],
-        train_fraction=cfg["train_fraction"], image=cfg["model"] == "cnn",
-        **_dataset_kwargs(cfg))
+    train, test, info = data if data is not None else _load_data(cfg)
     model = fp.models.MODELS[cfg["model"]](info["input_shape"], info["num_classes"])
-    return factory(model, **kwargs), train, test, info
+    return fp.ALGORITHMS[cfg["algorithm"]](model, **kwargs), train, test, info
+
+
+def _run_config(cfg: dict, algo_kwargs: dict, info: dict, out: str | None) -> dict:
+    """The configuration saved as a run's config.json."""
+    from fedjax_pfl import __version__
+
+    return {"run": {**cfg, "out": out}, "algorithm": algo_kwargs, "version": __version__,
+            "data": {k: info[k] for k in ("num_classes", "input_shape", "partition")} | {
+                "train_examples": int(info["train_sizes"].sum()),
+                "test_examples": int(info["test_sizes"].sum())}}
 
 
 def _table(rows: list[dict], columns: list[str]) -> str:
@@ -235,12 +291,9 @@ def _execute(cfg: dict, algo_kwargs: dict, out: str | None, progress: bool):
       (result, wall seconds of `simulate`).
     """
     algorithm, train, test, info = _build(cfg, algo_kwargs)
-    from fedjax_pfl import TrainingDiverged, __version__, simulate
+    from fedjax_pfl import TrainingDiverged, simulate
 
-    config = {"run": {**cfg, "out": out}, "algorithm": algo_kwargs, "version": __version__,
-              "data": {k: info[k] for k in ("num_classes", "input_shape", "partition")} | {
-                  "train_examples": int(info["train_sizes"].sum()),
-                  "test_examples": int(info["test_sizes"].sum())}}
+    config = _run_config(cfg, algo_kwargs, info, out)
     print(f"{cfg['algorithm']} on {cfg['dataset']} ({info['partition']}, {cfg['clients']} "
           f"clients, {cfg['model']}, {algo_kwargs}): {cfg['rounds']} rounds", flush=True)
     t0 = time.perf_counter()
@@ -269,6 +322,26 @@ def _cmd_run(args) -> int:
     print(_table(rows, ["round", "train_loss", "acc_weighted", "acc_mean", "acc_min"]) + "\n")
     print(_table(_summary(result), ["metric", "value"]))
     print(f"\n{seconds:.1f} s; results in {out}")
+    return 0
+
+
+def _cmd_sweep(args) -> int:
+    from fedjax_pfl.sweep import sweep
+
+    blob = _load_toml(args.config, ("sweep", "grid", "algorithm"))
+    base = dict(blob["sweep"])
+    stem = os.path.splitext(os.path.basename(args.config))[0]
+    out = args.out or base.pop("out", None) or os.path.join("results", f"sweep-{stem}")
+    base.pop("out", None)
+    if not isinstance(out, str):
+        raise ValueError(f"out: expected a directory name, got {out!r}.")
+    frame = sweep(blob["grid"], base=base, algorithm_kwargs=blob["algorithm"], out=out,
+                  progress=not args.quiet, overwrite=args.overwrite)
+    columns = [c for c in frame.columns[1:frame.columns.get_loc("status") + 1]
+               if frame[c].nunique(dropna=False) > 1 or c in ("algorithm", "status")]
+    columns += ["acc_weighted", "acc_min", "seconds_per_round"]
+    print(_table(frame.astype(object).where(frame.notna(), "-").to_dict("records"), columns))
+    print(f"\n{len(frame)} points; table, plots and per-point results in {out}")
     return 0
 
 
@@ -313,7 +386,8 @@ def main(argv: list[str] | None = None) -> int:
         args = _parser().parse_args(argv)
     except SystemExit as e:  # --help, or a usage error already printed
         return e.code if isinstance(e.code, int) else 0
-    command = {"run": _cmd_run, "demo": _cmd_demo, "list": _cmd_list}[args.command]
+    command = {"run": _cmd_run, "sweep": _cmd_sweep, "demo": _cmd_demo,
+               "list": _cmd_list}[args.command]
     try:
         return command(args)
     except BrokenPipeError:  # e.g. `fedjax-pfl list | head`
