@@ -47,9 +47,11 @@ RUN_OPTIONS = {
     "chunk_size": (int, None, "clients per chunk (chunked: default 64; sharded: optional)"),
     "devices": (int, None, "split the host CPU into N JAX devices (for sharded)"),
     "out": (str, None, "results directory (default: results/<algorithm>-<dataset>-<time>)"),
+    "checkpoint_every": (int, None, "rounds between checkpoints in OUT/checkpoints (default: "
+                                    "eval_every; 0: none)"),
 }
 MINIMUM = {"clients": 1, "rounds": 0, "eval_every": 1, "seed": 0, "data_seed": 0, "chunk_size": 1,
-           "devices": 1}
+           "devices": 1, "checkpoint_every": 0}
 DEMO_ALGORITHMS = ("fedavg", "fedavg_ft", "local", "fedprox")
 DEMO_HPARAMS = {"client_lr": 0.1, "local_epochs": 2}
 SUMMARY_KEYS = ("acc_weighted", "acc_mean", "acc_std", "acc_min", "acc_p10", "acc_p50",
@@ -94,6 +96,13 @@ def _parser() -> argparse.ArgumentParser:
                      help="an algorithm factory keyword argument (repeatable)")
     run.add_argument("--config", metavar="FILE", help="TOML file: [run] and [algorithm] tables")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument("--resume", metavar="DIR", help="continue the run in results directory DIR "
+                     "from its newest checkpoint (options come from DIR/config.json; flags given "
+                     "here override them, e.g. --rounds to extend the run)")
+    run.add_argument("--overwrite", action="store_true",
+                     help="replace the results in a non-empty --out")
+    run.add_argument("--tensorboard", action="store_true",
+                     help="also write TensorBoard events to OUT/tensorboard (extra [tensorboard])")
     sweep = sub.add_parser("sweep", help="run a grid of configurations, vmapped where only "
                            "numbers and seeds differ")
     sweep.add_argument("config", metavar="CONFIG.toml",
@@ -136,8 +145,13 @@ def _load_config(path: str) -> tuple[dict, dict]:
 
 
 def _resolve(args) -> tuple[dict, dict]:
-    """Run options and factory kwargs: defaults < config file < flags."""
+    """Run options and factory kwargs: defaults < config file (or --resume's config.json) < flags."""
     file_run, file_algo = _load_config(args.config) if args.config else ({}, {})
+    if args.resume:
+        if args.config:
+            raise ValueError("--config: not with --resume (the run's options come from "
+                             "DIR/config.json).")
+        file_run, file_algo = _saved_config(args.resume)
     unknown = set(file_run) - set(RUN_OPTIONS)
     if unknown:
         raise ValueError(f"config: unknown [run] keys {sorted(unknown)}; expected some of "
@@ -153,6 +167,21 @@ def _resolve(args) -> tuple[dict, dict]:
             raise ValueError(f"--set: expected KEY=VALUE, got {item!r}.")
         algo[key.strip()] = parse_value(text)
     return cfg, algo
+
+
+def _saved_config(directory: str) -> tuple[dict, dict]:
+    """The [run] options and algorithm kwargs saved in a results directory's config.json."""
+    path = os.path.join(directory, "config.json")
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+        run, algo = saved["run"], saved["algorithm"]
+    except OSError as e:
+        raise ValueError(f"--resume: cannot read {path}: {e.strerror or e}") from e
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"--resume: {path} is not a fedjax-pfl config.json ({e}).") from e
+    run = {k: v for k, v in run.items() if k in RUN_OPTIONS}
+    return {**run, "out": directory}, algo
 
 
 def _check_options(cfg: dict) -> None:
@@ -284,31 +313,35 @@ def _summary(result) -> list[dict]:
     return rows
 
 
-def _execute(cfg: dict, algo_kwargs: dict, out: str | None, progress: bool):
-    """Builds and runs one configuration, saving it under `out` (also when it diverges).
+def _execute(cfg: dict, algo_kwargs: dict, out: str | None, progress: bool, *,
+             resume: bool = False, overwrite: bool = False, tensorboard: bool = False):
+    """Builds and runs one configuration; `simulate` writes its results under `out`.
+
+    `simulate` checks `out` (refused if not empty unless resume/overwrite, and
+    writable) before anything compiles.
 
     Returns:
       (result, wall seconds of `simulate`).
     """
     algorithm, train, test, info = _build(cfg, algo_kwargs)
-    from fedjax_pfl import TrainingDiverged, simulate
+    from fedjax_pfl import TrainingDiverged, callbacks, simulate
 
-    config = _run_config(cfg, algo_kwargs, info, out)
+    every = cfg["eval_every"] if cfg["checkpoint_every"] is None else cfg["checkpoint_every"]
+    cfg["checkpoint_every"] = every
+    hooks = [callbacks.TensorBoard(os.path.join(out, "tensorboard"))] if tensorboard and out else []
     print(f"{cfg['algorithm']} on {cfg['dataset']} ({info['partition']}, {cfg['clients']} "
           f"clients, {cfg['model']}, {algo_kwargs}): {cfg['rounds']} rounds", flush=True)
     t0 = time.perf_counter()
     try:
         result = simulate(algorithm, train, test, rounds=cfg["rounds"],
-                          eval_every=cfg["eval_every"], seed=cfg["seed"], progress=progress)
-    except TrainingDiverged as e:
+                          eval_every=cfg["eval_every"], seed=cfg["seed"], progress=progress,
+                          out=out, overwrite=overwrite, resume=resume,
+                          config=_run_config(cfg, algo_kwargs, info, out),
+                          checkpoint_every=(every or None) if out else None, callbacks=hooks)
+    except TrainingDiverged:
         if progress:  # the unfinished progress bar
             print(file=sys.stderr)
-        if not out:
-            raise
-        e.result.save(out, {**config, "diverged": str(e)})
-        raise TrainingDiverged(f"{e} Partial results: {out}", e.result) from e
-    if out:
-        result.save(out, config)
+        raise
     return result, time.perf_counter() - t0
 
 
@@ -316,7 +349,9 @@ def _cmd_run(args) -> int:
     cfg, algo_kwargs = _resolve(args)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = cfg["out"] or os.path.join("results", f"{cfg['algorithm']}-{cfg['dataset']}-{stamp}")
-    result, seconds = _execute(cfg, algo_kwargs, out, progress=not args.quiet)
+    result, seconds = _execute(cfg, algo_kwargs, out, progress=not args.quiet,
+                               resume=bool(args.resume), overwrite=args.overwrite,
+                               tensorboard=args.tensorboard)
     losses = {h["round"]: h["train_loss"] for h in result.history}
     rows = [{**e, "train_loss": losses.get(e["round"], "-")} for e in result.evals]
     print(_table(rows, ["round", "train_loss", "acc_weighted", "acc_mean", "acc_min"]) + "\n")

@@ -55,7 +55,8 @@ def test_run_writes_results_directory(tmp_path, capsys, monkeypatch):
     assert all(0.0 <= e["acc_weighted"] <= 1.0 for e in evals)
     with open(out / "clients.csv") as f:
         clients = list(csv.DictReader(f))
-    assert len(clients) == 5 and {"client", "accuracy", "loss"} <= set(clients[0])
+    assert len(clients) == 15 and {"round", "client", "accuracy", "loss"} <= set(clients[0])
+    assert [int(c["round"]) for c in clients[::5]] == [0, 1, 2]  # every evaluation is kept
     summary = json.loads((out / "summary.json").read_text())
     assert summary["final"]["round"] == 2
     assert summary["final"]["acc_weighted"] == pytest.approx(evals[-1]["acc_weighted"])
@@ -169,7 +170,7 @@ def test_diverged_run_writes_partial_results_and_exits_1(tmp_path, capsys):
     assert rc == 1
     line = _assert_one_line_error(capsys, rc)
     assert "training loss became" in line and str(out) in line
-    assert "diverged" in json.loads((out / "config.json").read_text())
+    assert json.loads((out / "summary.json").read_text())["status"] == "diverged"
     assert (out / "rounds.jsonl").exists() and (out / "evals.jsonl").exists()
 
 

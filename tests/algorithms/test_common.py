@@ -9,17 +9,18 @@ execution strategy.
 """
 
 import functools
+import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedjax_pfl import models, testing
+from fedjax_pfl import cli, models, testing
 from fedjax_pfl.algorithms import ALGORITHMS
 from fedjax_pfl.core import sampling
 from fedjax_pfl.core.execution import Execution
-from fedjax_pfl.simulate import run_rounds
+from fedjax_pfl.simulate import run_rounds, simulate
 
 MODEL = models.mlp((6,), 3, hidden=(8,))
 BASE = {"batch_size": 4, "local_steps": 3, "client_lr": 0.1}
@@ -194,3 +195,40 @@ def test_hparams_are_traced_and_sweepable(name, tiny_train):
         single = state.replace(hparams={**state.hparams, "client_lr": lr})
         want, _ = round_fn(single, tiny_train, ROUND_KEY)
         testing.assert_trees_close(jax.tree.map(lambda a, j=j: a[j], swept), want, atol=1e-6)
+
+
+@pytest.mark.parametrize("execution", [
+    "vmap", pytest.param(Execution("chunked", chunk_size=2), marks=pytest.mark.costly),
+    pytest.param(Execution("sharded", chunk_size=2), marks=pytest.mark.costly)],
+    ids=["vmap", "chunked", "sharded+chunked"])
+def test_runs_through_simulate_checkpoint_and_resume(name, tiny_train, tiny_test, execution,
+                                                     tmp_path):
+    """The user's path: donated blocks, evaluations between them, checkpoints, a resumed run
+    bit-identical to an uninterrupted one, and a resume from the returned state."""
+    algo = build(name, clients_per_round=COHORT, execution=execution)[0]
+    run = functools.partial(simulate, algo, tiny_train, tiny_test, eval_every=2, progress=False,
+                            checkpoint_every=2)
+    whole = run(rounds=6, out=str(tmp_path / "whole"))
+    run(rounds=4, out=str(tmp_path / "part"))
+    resumed = run(rounds=6, out=str(tmp_path / "part"), resume=True)
+    for file in ("rounds.jsonl", "evals.jsonl", "clients.csv"):
+        assert (tmp_path / "whole" / file).read_text() == (tmp_path / "part" / file).read_text()
+    testing.assert_trees_close(whole.state, resumed.state, rtol=0, atol=0)
+    assert [e["round"] for e in whole.evals] == [0, 2, 4, 6]
+    more = simulate(algo, tiny_train, tiny_test, rounds=2, state=whole.state, progress=False)
+    assert int(more.state.round) == 8 and int(whole.state.round) == 6
+
+
+@pytest.mark.parametrize("strategy", [
+    ["--execution", "sharded", "--chunk-size", "2"],
+    pytest.param(["--execution", "vmap"], marks=pytest.mark.costly),
+    pytest.param(["--execution", "chunked", "--chunk-size", "2"], marks=pytest.mark.costly)],
+    ids=["sharded+chunked", "vmap", "chunked"])
+def test_runs_through_the_cli(name, strategy, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = cli.main(["run", "--algorithm", name, "--clients", "5", "--rounds", "2",
+                   "--eval-every", "1", "--quiet", "--out", str(out), *strategy])
+    assert rc == 0, capsys.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["final"]["round"] == 2
+    assert len((out / "rounds.jsonl").read_text().splitlines()) == 2
