@@ -168,7 +168,7 @@ def meta_fl(
     objective = lambda p, b: jnp.sum(b["w"] * loss_fn(p, b["examples"], None))
 
     def init(key, train):
-        algorithm.check_train(train, clients_per_round)
+        algorithm.check_data(model, train, clients_per_round)
         hp = algorithm.hparams(client_lr=client_lr, inner_lr=inner_lr, delta=delta)
         return MetaFLState(jnp.zeros((), jnp.int32), model.init(key), hp)
 
