@@ -368,12 +368,13 @@ def _check_like(data: ClientData, ref: ClientData, name: str) -> None:
 # ---------------------------------------------------------------------------- files
 
 
-def file_error(path, fmt: str, problem: str) -> ValueError:
-    """A one-line `ValueError` naming the file, its format and what is wrong."""
-    return ValueError(" ".join(f"{os.fspath(path)!r}: invalid {fmt} file: {problem}".split()))
+def file_error(path, fmt: str, problem: str, name: str = "path") -> ValueError:
+    """A one-line `ValueError("{name}: '{path}': invalid {fmt} file: {problem}")`."""
+    text = f"{name}: {os.fspath(path)!r}: invalid {fmt} file: {problem}"
+    return ValueError(" ".join(text.split()))
 
 
-def read_text(path, fmt: str) -> str:
+def read_text(path, fmt: str, name: str = "path") -> str:
     """The file's text, decoded as UTF-8 (a BOM is dropped).
 
     Raises:
@@ -383,25 +384,30 @@ def read_text(path, fmt: str) -> str:
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"path: no such file {path!r}.")
+        raise FileNotFoundError(f"{name}: no such file {path!r}.")
     try:
         with open(path, "rb") as f:
             raw = f.read()
     except OSError as e:
-        raise file_error(path, fmt, f"cannot read it ({e.strerror or e})") from e
+        raise file_error(path, fmt, f"cannot read it ({e.strerror or e})", name) from e
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise file_error(path, fmt, f"expected UTF-8 text, got byte 0x{raw[e.start]:02x} at "
-                                    f"offset {e.start}") from e
+                                    f"offset {e.start}", name) from e
 
 
-def load_toml(path) -> dict:
-    """Parses a UTF-8 TOML file; every failure is one `ValueError` line naming the file."""
+def load_toml(path, name: str = "config") -> dict:
+    """Parses a UTF-8 TOML file; every failure is one line naming `name` and the file.
+
+    Raises:
+      FileNotFoundError: no such file.
+      ValueError: the file cannot be read, is not UTF-8 or is not valid TOML.
+    """
     import tomllib
 
-    text = read_text(path, "TOML")
+    text = read_text(path, "TOML", name)
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise file_error(path, "TOML", str(e)) from e
+        raise file_error(path, "TOML", str(e), name) from e

@@ -75,7 +75,7 @@ def train() -> ClientData:
 
 
 @functools.cache
-def test_set() -> ClientData:
+def heldout() -> ClientData:
     return testing.random_client_data(0, 4, sample_seed=1, max_examples=6)
 
 
@@ -244,6 +244,9 @@ ALGORITHM_ARGS = [
     Case("server_lr=-1", _factory(server_lr=-1.0), ValueError, r"^server_lr:"),
     Case("fedprox mu=nan", _factory("fedprox", mu=math.nan), ValueError, r"^mu:"),
     Case("fedavg_ft ft_lr=inf", _factory("fedavg_ft", ft_lr=math.inf), ValueError, r"^ft_lr:"),
+    Case("fedavg_ft ft_seed=2**40", _factory("fedavg_ft", ft_seed=2**40), ValueError,
+         r"^ft_seed: expected an int in \[0, 2\*\*32 - 1\]"),
+    Case("meta_fl eval_seed=-1", _factory("meta_fl", eval_seed=-1), ValueError, r"^eval_seed:"),
     Case("ditto lam=inf", _factory("ditto", lam=math.inf), ValueError, r"^lam:"),
     Case("clients_per_round=0", _factory(clients_per_round=0), ValueError,
          r"^clients_per_round:"),
@@ -452,7 +455,7 @@ FILES = [
         ["u"], u={"x": [[float("nan")], [1.0]], "y": [0, 1]}))), ValueError,
          r"f\.json'.*user 'u': expected finite"),
     Case("toml not UTF-8", lambda t: validation.load_toml(_write(t, "c.toml", b"a = '\xff'")),
-         ValueError, r"c\.toml': invalid TOML file: expected UTF-8"),
+         ValueError, r"^config: '.*c\.toml': invalid TOML file: expected UTF-8"),
     Case("toml truncated", lambda t: validation.load_toml(_write(t, "c.toml", "[run\n")),
          ValueError, r"c\.toml': invalid TOML file"),
 ]
@@ -489,13 +492,13 @@ def _check_inputs(test):
 def _simulate(data=None, test=None, **kwargs):
     def call(t):
         algo, _ = _fedavg()
-        simulate(algo, data or train(), test or test_set(), progress=False,
+        simulate(algo, data or train(), test or heldout(), progress=False,
                  **{"rounds": 1, **kwargs})
     return call
 
 
 def _test_label(value):
-    return _with(test_set(), y=test_set().examples["y"].at[2, 0].set(value))
+    return _with(heldout(), y=heldout().examples["y"].at[2, 0].set(value))
 
 
 SIMULATE = [
@@ -510,16 +513,16 @@ SIMULATE = [
          r"test\.examples\['y'\]: expected labels in \[0, 3\).*client 2"),
     Case("test label -1", _check_inputs(_test_label(-1)), ValueError,
          r"test\.examples\['y'\].*client 2"),
-    Case("test without y", _check_inputs(_without(test_set(), "y")), ValueError,
+    Case("test without y", _check_inputs(_without(heldout(), "y")), ValueError,
          r"test: expected a field 'y'"),
-    Case("test feature shape", _check_inputs(_with(test_set(), x=jnp.zeros(
-        (4, test_set().max_examples, 5)))),
+    Case("test feature shape", _check_inputs(_with(heldout(), x=jnp.zeros(
+        (4, heldout().max_examples, 5)))),
          ValueError, r"test\.examples\['x'\]: expected example shape \(6,\).*got \(5,\)"),
-    Case("test other M", _check_inputs(test_set().take(jnp.arange(3))), ValueError,
+    Case("test other M", _check_inputs(heldout().take(jnp.arange(3))), ValueError,
          r"test: expected 4 clients"),
-    Case("test negative num_examples", _check_inputs(test_set().replace(
+    Case("test negative num_examples", _check_inputs(heldout().replace(
         num_examples=jnp.array([-1, 1, 1, 1]))), ValueError, r"test\.num_examples"),
-    Case("test NaN feature", _check_inputs(_with(test_set(), x=test_set().examples["x"] * jnp.nan)),
+    Case("test NaN feature", _check_inputs(_with(heldout(), x=heldout().examples["x"] * jnp.nan)),
          ValueError, r"test\.examples\['x'\]: expected finite"),
     Case("simulate negative num_examples", _simulate(_counts(-3, 5, 1, 1)), ValueError,
          r"train\.num_examples"),
@@ -529,7 +532,7 @@ SIMULATE = [
     Case("simulate seed=2**70", _simulate(seed=2**70), ValueError, r"^seed:", (LEAD,)),
     Case("simulate test label 5", _simulate(test=_test_label(5)), ValueError,
          r"test\.examples\['y'\]", (LEAD,)),
-    Case("simulate test without y", _simulate(test=_without(test_set(), "y")), ValueError,
+    Case("simulate test without y", _simulate(test=_without(heldout(), "y")), ValueError,
          r"test: expected a field 'y'", (LEAD,)),
 ]
 

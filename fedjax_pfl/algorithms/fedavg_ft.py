@@ -46,6 +46,7 @@ def fedavg_ft(
       **kwargs: as for `fedavg`.
     """
     algorithm.check_number("ft_lr", ft_lr)
+    ft_seed = algorithm.check_seed("ft_seed", ft_seed)
     if ft_curve_steps is not None:
         finetune.check_curve_args(ft_curve_steps, 0, ft_batch_size, prefix="ft_curve_")
     schedule = local.LocalSchedule(ft_batch_size, ft_steps, ft_epochs, ft_optimizer, prefix="ft_",

@@ -153,6 +153,7 @@ def meta_fl(
     algorithm.check_number("client_lr" if outer_lr is None else "outer_lr", client_lr)
     algorithm.check_number("inner_lr", inner_lr)
     algorithm.check_number("delta", delta, strict=True)
+    eval_seed = algorithm.check_seed("eval_seed", eval_seed)
     inner_batch_size = batch_size if inner_batch_size is None else inner_batch_size
     hessian_batch_size = batch_size if hessian_batch_size is None else hessian_batch_size
     for name, v in (("inner_batch_size", inner_batch_size),

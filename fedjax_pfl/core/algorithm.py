@@ -62,6 +62,9 @@ def check_number(name: str, value, *, minimum: float = 0.0, strict: bool = False
     check_arg(name, value, ok, f"a finite number {'>' if strict else '>='} {minimum}")
 
 
+check_seed = validation.check_seed
+
+
 def check_cohort_size(clients_per_round) -> None:
     check_arg("clients_per_round", clients_per_round,
               clients_per_round is None or (isinstance(clients_per_round, int)
