@@ -266,25 +266,29 @@ def _trace(fn, data: ClientData, name: str, *args):
         raise ValueError(f"{name}: expected a field {e.args[0]!r} (read by the model or its "
                          f"loss), got fields {sorted(data.examples)}.") from e
     except Exception as e:  # noqa: BLE001 - flax / lax shape errors, reported with the field
-        raise ValueError(f"{name}: expected examples that fit the model, got example shapes "
+        raise ValueError(f"{name}: expected examples that fit the model and its loss, got "
+                         f"example shapes "
                          f"{{{_shapes(data)}}}: {type(e).__name__}: {_first_line(e)}") from e
 
 
-def num_classes(model, data: ClientData, name: str = "train") -> int:
-    """C, the model's number of outputs, from `jax.eval_shape` on one example of `data`.
+def num_classes(model, data: ClientData, name: str = "train") -> int | None:
+    """C from the model's logits [batch, C] on one example of `data` (`jax.eval_shape`).
 
-    Also checks that the loss accepts the logits and the example (nothing is computed).
+    Also checks that the loss accepts the output and the example and returns
+    one loss per example (nothing is computed). Models whose output is not
+    [batch, C] (e.g. a scalar regression in a test) give None; for a classifier
+    the labels must be integers.
     """
     params = jax.eval_shape(model.init, jax.random.key(0))
-    logits = _trace(lambda p, b: model.apply(p, b, None), data, name, params)
-    if not (hasattr(logits, "shape") and logits.ndim == 2 and logits.shape[0] == 1):
-        raise ValueError(f"model: expected logits [batch, classes], got "
-                         f"{getattr(logits, 'shape', type(logits).__name__)} for a batch of 1.")
-    loss = _trace(model.loss, data, name, logits)
+    out = _trace(lambda p, b: model.apply(p, b, None), data, name, params)
+    classes = out.shape[1] if getattr(out, "ndim", 0) == 2 and out.shape[0] == 1 else None
+    if classes is not None:
+        _check_label_dtype(data, name)
+    loss = _trace(model.loss, data, name, out)
     if getattr(loss, "shape", None) != (1,):
         raise ValueError(f"model: expected a per-example loss [batch], got "
                          f"{getattr(loss, 'shape', type(loss).__name__)} for a batch of 1.")
-    return logits.shape[1]
+    return classes
 
 
 def _check_label_dtype(data: ClientData, name: str) -> bool:
@@ -312,15 +316,15 @@ def check_labels(data: ClientData, classes: int, name: str = "train") -> None:
 
 
 def check_model_data(model, data: ClientData, name: str = "train") -> int:
-    """Fields, example shapes and labels of `data` against `model`; returns C."""
-    _check_label_dtype(data, name)
+    """Fields, example shapes and labels of `data` against `model`; returns C (or None)."""
     classes = num_classes(model, data, name)
-    check_labels(data, classes, name)
+    if classes is not None:
+        check_labels(data, classes, name)
     return classes
 
 
-def check_data(model, data, name: str = "train") -> int:
-    """Every check of `data` for `model` (host checks once per object); returns C."""
+def check_data(model, data, name: str = "train") -> int | None:
+    """Every check of `data` for `model` (host checks once per object); returns C (or None)."""
     check_client_data(data, name)
     return check_model_data(model, data, name)
 

@@ -201,9 +201,12 @@ MODELS = [
     Case("two-encoder without x_b", lambda t: _init(_without(_two_encoder_data(), "x_b"),
                                                     model=models.two_encoder((24, 8), 6)),
          ValueError, r"train: expected a field 'x_b'"),
-    Case("model output not [B, C]", lambda t: _init(train(), model=MODEL._replace(
+    Case("loss not per example", lambda t: _init(train(), model=MODEL._replace(
+        loss=lambda logits, b: MODEL.loss(logits, b).sum())), ValueError,
+         r"model: expected a per-example loss \[batch\], got \(\)"),
+    Case("output the loss rejects", lambda t: _init(train(), model=MODEL._replace(
         apply=lambda p, b, k=None: MODEL.apply(p, b, k)[:, 0])), ValueError,
-         r"model: expected logits \[batch, classes\]"),
+         r"train: expected examples that fit the model and its loss"),
 ] + [
     Case(f"{name}: init rejects label 9", functools.partial(
         lambda t, name: _init(_label(9), name=name), name=name), ValueError,

@@ -81,7 +81,8 @@ def check_train(train, clients_per_round: int | None, name: str = "train") -> No
                          f"({train.num_clients}), got {clients_per_round}.")
 
 
-def check_data(model, train, clients_per_round: int | None, name: str = "train") -> int:
+def check_data(model, train, clients_per_round: int | None,
+               name: str = "train") -> int | None:
     """Every check of the training data for `model`, for an algorithm's `init` (eager).
 
     Static checks as `check_train`, then (once per `ClientData` object, skipped
@@ -90,7 +91,7 @@ def check_data(model, train, clients_per_round: int | None, name: str = "train")
     and labels in [0, C), C from the model's output shape (`jax.eval_shape`).
 
     Returns:
-      C, the model's number of classes.
+      C, the model's number of classes (None if its output is not [batch, C]).
     """
     check_train(train, clients_per_round, name)
     return validation.check_data(model, train, name)
