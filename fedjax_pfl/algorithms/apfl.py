@@ -99,7 +99,7 @@ def apfl(
     execution = ex.as_execution(execution)
 
     def init(key, train):
-        algorithm.check_train(train, clients_per_round)
+        algorithm.check_data(model, train, clients_per_round)
         params = model.init(key)
         m = train.num_clients
         personal = jax.tree.map(lambda a: jnp.broadcast_to(a, (m,) + a.shape), params)

@@ -91,7 +91,7 @@ def ditto(
     loss_fn = local.model_loss_fn(model)
 
     def init(key, train):
-        algorithm.check_train(train, clients_per_round)
+        algorithm.check_data(model, train, clients_per_round)
         params = model.init(key)
         personal = jax.tree.map(lambda a: jnp.broadcast_to(a, (train.num_clients,) + a.shape),
                                 params)

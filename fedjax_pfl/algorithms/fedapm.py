@@ -139,7 +139,7 @@ def fedapm(
     execution = ex.as_execution(execution)
 
     def init(key, train):
-        algorithm.check_train(train, clients_per_round)
+        algorithm.check_data(model, train, clients_per_round)
         v, u = part.split(model.init(key))
         m = train.num_clients
         hp = algorithm.hparams(client_lr=client_lr, rho=rho, sigma=sigma,

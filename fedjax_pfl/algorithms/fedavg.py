@@ -87,7 +87,7 @@ def fedavg(
     extra = {} if mu is None else {"mu": mu}
 
     def init(key, train):
-        algorithm.check_train(train, clients_per_round)
+        algorithm.check_data(model, train, clients_per_round)
         params = model.init(key)
         hp = algorithm.hparams(client_lr=client_lr, server_lr=server_lr, **extra)
         opt_state = local.make_optimizer(server_optimizer, hp["server_lr"]).init(params)

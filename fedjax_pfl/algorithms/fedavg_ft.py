@@ -35,7 +35,8 @@ def fedavg_ft(
     Args:
       model: the model.
       ft_steps, ft_epochs, ft_batch_size, ft_optimizer: the fine-tuning
-        schedule (default one epoch).
+        schedule (default one epoch; 0 steps or epochs evaluates the global
+        model as it is).
       ft_lr: fine-tuning learning rate (traced; `hparams["ft_lr"]`).
       ft_seed: seed of the fine-tuning minibatch order (client i uses
         `fold_in(key(ft_seed), i)`, the same at every evaluation).
@@ -45,9 +46,11 @@ def fedavg_ft(
       **kwargs: as for `fedavg`.
     """
     algorithm.check_number("ft_lr", ft_lr)
+    ft_seed = algorithm.check_seed("ft_seed", ft_seed)
     if ft_curve_steps is not None:
         finetune.check_curve_args(ft_curve_steps, 0, ft_batch_size, prefix="ft_curve_")
-    schedule = local.LocalSchedule(ft_batch_size, ft_steps, ft_epochs, ft_optimizer, prefix="ft_")
+    schedule = local.LocalSchedule(ft_batch_size, ft_steps, ft_epochs, ft_optimizer, prefix="ft_",
+                                   allow_zero=True)
     base = fedavg(model, **kwargs)
     execution = ex.as_execution(kwargs.get("execution", "vmap"))
     loss_fn = local.model_loss_fn(model)

@@ -170,7 +170,7 @@ def fedfew(
     stack = lambda p: jax.tree.map(lambda a: jnp.broadcast_to(a, (num_models,) + a.shape), p)
 
     def init_fn(key, train):
-        algorithm.check_train(train, clients_per_round)
+        algorithm.check_data(model, train, clients_per_round)
         if init == "shared":
             params = stack(model.init(key))
         else:

@@ -112,7 +112,7 @@ def ifca(
     loss_fn = local.model_loss_fn(model)
 
     def init_fn(key, train):
-        algorithm.check_train(train, clients_per_round)
+        algorithm.check_data(model, train, clients_per_round)
         if init == "shared":
             params = jax.tree.map(lambda a: jnp.broadcast_to(a, (num_models,) + a.shape),
                                   model.init(key))

@@ -50,7 +50,7 @@ def local_only(
     loss_fn = local.model_loss_fn(model)
 
     def init(key, train):
-        algorithm.check_train(train, clients_per_round)
+        algorithm.check_data(model, train, clients_per_round)
         params = model.init(key)
         stacked = jax.tree.map(lambda a: jnp.broadcast_to(a, (train.num_clients, *a.shape)),
                                params)

@@ -153,6 +153,7 @@ def meta_fl(
     algorithm.check_number("client_lr" if outer_lr is None else "outer_lr", client_lr)
     algorithm.check_number("inner_lr", inner_lr)
     algorithm.check_number("delta", delta, strict=True)
+    eval_seed = algorithm.check_seed("eval_seed", eval_seed)
     inner_batch_size = batch_size if inner_batch_size is None else inner_batch_size
     hessian_batch_size = batch_size if hessian_batch_size is None else hessian_batch_size
     for name, v in (("inner_batch_size", inner_batch_size),
@@ -168,7 +169,7 @@ def meta_fl(
     objective = lambda p, b: jnp.sum(b["w"] * loss_fn(p, b["examples"], None))
 
     def init(key, train):
-        algorithm.check_train(train, clients_per_round)
+        algorithm.check_data(model, train, clients_per_round)
         hp = algorithm.hparams(client_lr=client_lr, inner_lr=inner_lr, delta=delta)
         return MetaFLState(jnp.zeros((), jnp.int32), model.init(key), hp)
 

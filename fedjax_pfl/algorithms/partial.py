@@ -65,8 +65,8 @@ def personal_schedule(schedule: local.LocalSchedule, personal_steps, personal_ep
     if personal_steps is None and personal_epochs is None:
         return schedule
     for name, v in (("personal_steps", personal_steps), ("personal_epochs", personal_epochs)):
-        algorithm.check_arg(name, v, v is None or (isinstance(v, int) and v >= 0),
-                            "None or an int >= 0")
+        algorithm.check_arg(name, v, v is None or (isinstance(v, int) and not isinstance(v, bool)
+                                                    and v >= 1), "None or an int >= 1")
     algorithm.check_arg("personal_epochs", personal_epochs,
                         personal_steps is None or personal_epochs is None,
                         "unset when personal_steps is set")
@@ -165,7 +165,7 @@ def partial_pfl(
     execution = ex.as_execution(execution)
 
     def init(key, train):
-        algorithm.check_train(train, clients_per_round)
+        algorithm.check_data(model, train, clients_per_round)
         v, u = part.split(model.init(key))
         return PartialState(jnp.zeros((), jnp.int32), u, stack(v, train.num_clients),
                             algorithm.hparams(client_lr=client_lr))

@@ -97,7 +97,7 @@ def pfedme(
     loss_fn = local.model_loss_fn(model)
 
     def init(key, train):
-        algorithm.check_train(train, clients_per_round)
+        algorithm.check_data(model, train, clients_per_round)
         params = model.init(key)
         m = train.num_clients
         stacked = jax.tree.map(lambda a: jnp.broadcast_to(a, (m,) + a.shape), params)

@@ -12,8 +12,11 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple, Protocol
 
+import math
+
 import jax
 
+from fedjax_pfl import validation
 from fedjax_pfl.data.client_data import ClientData
 
 State = Any
@@ -53,10 +56,13 @@ def check_arg(name: str, value, ok: bool, expected: str) -> None:
 
 
 def check_number(name: str, value, *, minimum: float = 0.0, strict: bool = False) -> None:
-    """Checks a numeric hyperparameter is a real number >= (or >) `minimum`."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    """Checks a numeric hyperparameter is a finite real number >= (or >) `minimum`."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     ok = ok and (value > minimum if strict else value >= minimum)
-    check_arg(name, value, ok, f"a number {'>' if strict else '>='} {minimum}")
+    check_arg(name, value, ok, f"a finite number {'>' if strict else '>='} {minimum}")
+
+
+check_seed = validation.check_seed
 
 
 def check_cohort_size(clients_per_round) -> None:
@@ -68,12 +74,27 @@ def check_cohort_size(clients_per_round) -> None:
 
 
 def check_train(train, clients_per_round: int | None, name: str = "train") -> None:
-    """Validates the training data against the static cohort size (trace time)."""
-    if not isinstance(train, ClientData):
-        raise TypeError(f"{name}: expected a ClientData, got {type(train).__name__}.")
+    """Static checks of the training data and the cohort size (trace time; free per round)."""
+    validation.check_structure(train, name)
     if clients_per_round is not None and clients_per_round > train.num_clients:
         raise ValueError(f"clients_per_round: expected at most the number of clients "
                          f"({train.num_clients}), got {clients_per_round}.")
+
+
+def check_data(model, train, clients_per_round: int | None,
+               name: str = "train") -> int | None:
+    """Every check of the training data for `model`, for an algorithm's `init` (eager).
+
+    Static checks as `check_train`, then (once per `ClientData` object, skipped
+    when `train` is traced) `num_examples` in [0, N], finite features after the
+    cast to the compute dtype, the fields and example shapes the model reads
+    and labels in [0, C), C from the model's output shape (`jax.eval_shape`).
+
+    Returns:
+      C, the model's number of classes (None if its output is not [batch, C]).
+    """
+    check_train(train, clients_per_round, name)
+    return validation.check_data(model, train, name)
 
 
 def check_same_clients(state_clients: int, data: ClientData, name: str) -> None:

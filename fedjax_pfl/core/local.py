@@ -86,6 +86,9 @@ class LocalSchedule:
       optimizer: an optax optimizer name, a factory `lr -> optimizer`, or a
         ready `optax.GradientTransformation` (which keeps its own lr).
       prefix: prepended to argument names in error messages (e.g. "ft_").
+      allow_zero: accept 0 steps / epochs. Off for training schedules (0
+        would report a loss of 0 while nothing trains); fine-tuning before
+        evaluation turns it on (`ft_steps=0` evaluates the global model).
     """
 
     batch_size: int = 32
@@ -93,19 +96,21 @@ class LocalSchedule:
     local_epochs: int | None = None
     optimizer: OptimizerSpec = "sgd"
     prefix: str = ""
+    allow_zero: bool = False
 
     def __post_init__(self):
         p = self.prefix
-        if not (isinstance(self.batch_size, int) and self.batch_size >= 1):
+        if not (_is_int(self.batch_size) and self.batch_size >= 1):
             raise ValueError(f"{p}batch_size: expected an int >= 1, got {self.batch_size!r}.")
         if self.local_steps is not None and self.local_epochs is not None:
             raise ValueError(f"{p}local_steps / {p}local_epochs: set at most one, got "
                              f"local_steps={self.local_steps!r}, "
                              f"local_epochs={self.local_epochs!r}.")
+        least = 0 if self.allow_zero else 1
         for name in ("local_steps", "local_epochs"):
             v = getattr(self, name)
-            if v is not None and not (isinstance(v, int) and v >= 0):
-                raise ValueError(f"{p}{name}: expected an int >= 0, got {v!r}.")
+            if v is not None and not (_is_int(v) and v >= least):
+                raise ValueError(f"{p}{name}: expected an int >= {least}, got {v!r}.")
         check_optimizer(f"{p}optimizer", self.optimizer)
 
     @property
@@ -127,6 +132,10 @@ class LocalSchedule:
                            optimizer=make_optimizer(self.optimizer, learning_rate),
                            batch_size=self.batch_size, local_steps=self.local_steps,
                            local_epochs=self.epochs, penalty=penalty)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def batch_plan(key, num_examples, max_examples: int, *, batch_size: int,

@@ -60,7 +60,7 @@ class ClientData:
             first axis is that client's examples. Every client has the same
             fields, with the same trailing shapes and dtypes.
           num_classes: if given, labels in `label_key` must lie in
-            [0, num_classes).
+            [0, num_classes); they must be >= 0 in any case.
           label_key: the field holding integer class labels.
           max_examples: pad to this N instead of the largest client (must be
             at least the largest client).
@@ -71,6 +71,12 @@ class ClientData:
             trailing shapes or dtypes, non-integer or out-of-range labels, or
             NaN/Inf features.
         """
+        if num_classes is not None and not (_is_int(num_classes) and num_classes >= 1):
+            raise ValueError(f"num_classes: expected None or an int >= 1, got {num_classes!r}.")
+        if max_examples is not None and not _is_int(max_examples):
+            raise ValueError(f"max_examples: expected None or an int, got {max_examples!r}.")
+        if isinstance(clients, Mapping) or not isinstance(clients, Sequence):
+            raise TypeError(f"clients: expected a sequence of dicts, got {type(clients).__name__}.")
         if len(clients) == 0:
             raise ValueError("clients: expected at least one client, got an empty sequence.")
         fields = sorted(clients[0].keys())
@@ -79,6 +85,9 @@ class ClientData:
         ref = {k: np.asarray(clients[0][k]) for k in fields}
         counts = []
         for i, client in enumerate(clients):
+            if not isinstance(client, Mapping):
+                raise TypeError(f"clients[{i}]: expected a dict of arrays, got "
+                                f"{type(client).__name__}.")
             if sorted(client.keys()) != fields:
                 raise ValueError(
                     f"clients[{i}]: fields {sorted(client.keys())} differ from "
@@ -103,9 +112,7 @@ class ClientData:
                 if not (np.issubdtype(a.dtype, np.number) or a.dtype == np.bool_):
                     raise ValueError(f"clients[{i}][{k!r}]: expected a numeric dtype, "
                                      f"got {a.dtype}.")
-                if np.issubdtype(a.dtype, np.floating) and not np.all(np.isfinite(a)):
-                    bad = int(np.sum(~np.isfinite(a)))
-                    raise ValueError(f"clients[{i}][{k!r}]: {bad} NaN/Inf values.")
+                _check_castable(a, f"clients[{i}][{k!r}]")
                 lengths.add(a.shape[0])
             if len(lengths) != 1:
                 raise ValueError(
@@ -119,9 +126,11 @@ class ClientData:
                     raise ValueError(
                         f"clients[{i}][{label_key!r}]: labels must be integers, got {y.dtype}."
                     )
-                if num_classes is not None and y.size and (y.min() < 0 or y.max() >= num_classes):
+                top = np.inf if num_classes is None else num_classes
+                if y.size and (y.min() < 0 or y.max() >= top):
+                    expected = "[0, inf)" if num_classes is None else f"[0, {num_classes})"
                     raise ValueError(
-                        f"clients[{i}][{label_key!r}]: labels must lie in [0, {num_classes}), "
+                        f"clients[{i}][{label_key!r}]: labels must lie in {expected}, "
                         f"got values in [{y.min()}, {y.max()}]."
                     )
         if sum(counts) == 0:
@@ -139,6 +148,18 @@ class ClientData:
                 out[i, : counts[i]] = client[k]
             examples[k] = jnp.asarray(out)
         return cls(examples=examples, num_examples=jnp.asarray(counts, dtype=jnp.int32))
+
+    def validate(self, name: str = "data") -> ClientData:
+        """Checks the invariants of a `ClientData` built by hand; returns it.
+
+        Leaves [M, N, ...] with one N, `num_examples` an [M] integer array in
+        [0, N] with at least one example, floats finite after the cast to the
+        compute dtype (see `fedjax_pfl.validation.check_client_data`).
+        """
+        from fedjax_pfl import validation
+
+        validation.check_client_data(self, name)
+        return self
 
     def padding_ratio(self) -> float:
         """Fraction of the stored rows that are padding (host-side)."""
@@ -170,6 +191,26 @@ class ClientData:
         """Client i's real rows as NumPy arrays (host-side)."""
         n = int(self.num_examples[i])
         return {k: np.asarray(v[i, :n]) for k, v in self.examples.items()}
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _check_castable(a: np.ndarray, where: str) -> None:
+    """Floats finite and integers in range after the cast to the device dtype."""
+    target = _device_dtype(a.dtype)
+    if np.issubdtype(a.dtype, np.floating):
+        with np.errstate(over="ignore", invalid="ignore"):
+            bad = int(np.sum(~np.isfinite(a.astype(target))))
+        if bad:
+            raise ValueError(f"{where}: expected finite values after the cast to {target}, got "
+                             f"{bad} NaN/Inf values.")
+    elif np.issubdtype(a.dtype, np.integer) and target != a.dtype and a.size:
+        info = np.iinfo(target)
+        if a.min() < info.min or a.max() > info.max:
+            raise ValueError(f"{where}: expected integers that fit {target}, got values in "
+                             f"[{a.min()}, {a.max()}].")
 
 
 def _device_dtype(dtype: np.dtype) -> np.dtype:

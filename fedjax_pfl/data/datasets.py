@@ -9,13 +9,17 @@ from __future__ import annotations
 import csv
 import importlib
 import inspect
+import io
 import json
 import os
+import zipfile
+import zlib
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
+from fedjax_pfl import validation
 from fedjax_pfl.data.client_data import ClientData
 from fedjax_pfl.data.partition import PARTITIONS, train_test_split
 from fedjax_pfl.data.partition import iid as iid_partition
@@ -57,14 +61,14 @@ def synthetic(alpha: float, beta: float, num_clients: int, *, seed: int = 0,
     Returns:
       One dict per client: {"x": float32 [n, num_features], "y": int32 [n]}.
     """
-    if alpha < 0 or beta < 0:
-        raise ValueError(f"alpha, beta: expected numbers >= 0, got alpha={alpha}, beta={beta}.")
-    if num_clients < 1:
-        raise ValueError(f"num_clients: expected an integer >= 1, got {num_clients}.")
-    if max_examples_per_client is not None and max_examples_per_client < 1:
-        raise ValueError(f"max_examples_per_client: expected an integer >= 1 or None, got "
-                         f"{max_examples_per_client}.")
-    rng = np.random.default_rng(seed)
+    validation.check_real("alpha", alpha, minimum=0)
+    validation.check_real("beta", beta, minimum=0)
+    validation.check_int("num_clients", num_clients, minimum=1)
+    validation.check_int("num_features", num_features, minimum=1)
+    validation.check_int("num_classes", num_classes, minimum=2)
+    if max_examples_per_client is not None:
+        validation.check_int("max_examples_per_client", max_examples_per_client, minimum=1)
+    rng = np.random.default_rng(validation.check_seed("seed", seed))
     sizes = rng.lognormal(4, 2, num_clients).astype(np.int64) + 50
     if max_examples_per_client is not None:
         sizes = np.minimum(sizes, max_examples_per_client)
@@ -129,15 +133,59 @@ def _check_file(path) -> str:
     return path
 
 
-def _labels(y: np.ndarray, where: str) -> np.ndarray:
-    """Integer labels as int32; strings are passed through; other floats are rejected."""
+_INT32 = np.iinfo(np.int32)
+
+
+def _labels(y, path, fmt: str, where: str) -> np.ndarray:
+    """Integer labels as int32 (strings pass through); raises naming the file otherwise."""
     y = np.asarray(y)
     if y.dtype.kind in "OUS":
         return y
-    if y.dtype.kind in "iu" or (y.dtype.kind == "f" and np.all(y == np.round(y))):
-        return y.astype(np.int32)
-    raise ValueError(f"{where}: labels must be integers, got dtype {y.dtype} with "
-                     "non-integer values.")
+    if y.ndim != 1:
+        raise validation.file_error(path, fmt, f"{where}: expected 1-D labels, got {y.shape}")
+    if y.dtype.kind not in "iuf" or (y.dtype.kind == "f" and not np.all(y == np.round(y))):
+        raise validation.file_error(path, fmt, f"{where}: expected integers (class labels), "
+                                               f"got dtype {y.dtype} with non-integer values")
+    if y.size and (y.min() < _INT32.min or y.max() > _INT32.max):
+        raise validation.file_error(path, fmt, f"{where}: expected labels that fit int32, got "
+                                               f"values in [{y.min():.6g}, {y.max():.6g}]")
+    return y.astype(np.int32)
+
+
+def _features(x, path, fmt: str, where: str) -> np.ndarray:
+    """Numeric features as float32, finite after the cast; raises naming the file otherwise."""
+    x = np.asarray(x)
+    if x.dtype.kind not in "iufb" or x.ndim < 1:
+        raise validation.file_error(path, fmt, f"{where}: expected numeric features with an "
+                                               f"example axis, got {x.dtype} {x.shape}")
+    with np.errstate(over="ignore", invalid="ignore"):
+        x = x.astype(np.float32)
+    bad = int(np.sum(~np.isfinite(x)))
+    if bad:
+        raise validation.file_error(path, fmt, f"{where}: expected finite float32 features, got "
+                                               f"{bad} NaN/Inf values (after the cast)")
+    return x
+
+
+_NPZ_ERRORS = (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error, KeyError)
+
+
+def _read_npz(path: str) -> dict[str, np.ndarray]:
+    """Every array of an .npz archive; any failure is one line naming the file."""
+    try:
+        archive = np.load(path, allow_pickle=False)
+        if not isinstance(archive, np.lib.npyio.NpzFile):
+            raise ValueError("expected an .npz archive, got a single .npy array")
+        with archive as f:
+            return {k: f[k] for k in f.files}
+    except _NPZ_ERRORS as e:
+        if os.path.getsize(path) == 0:
+            problem = "the file is empty"
+        elif isinstance(e, ValueError) and "pickled" in str(e):
+            problem = "not a NumPy archive (and pickled data is not loaded)"
+        else:
+            problem = f"{type(e).__name__}: {e}"
+        raise validation.file_error(path, ".npz", problem) from e
 
 
 def load_npz(path, x_key: str = "x", y_key: str = "y") -> tuple[np.ndarray, np.ndarray]:
@@ -145,16 +193,24 @@ def load_npz(path, x_key: str = "x", y_key: str = "y") -> tuple[np.ndarray, np.n
 
     Returns:
       (x float32, y int32).
+
+    Raises:
+      FileNotFoundError: no such file.
+      ValueError: one line naming the file, for an unreadable archive, a
+        missing key, mismatched lengths, non-numeric or non-finite features or
+        labels that are not integers fitting int32.
     """
     path = _check_file(path)
-    with np.load(path, allow_pickle=False) as f:
-        for arg, key in (("x_key", x_key), ("y_key", y_key)):
-            if key not in f.files:
-                raise ValueError(f"{arg}: {path!r} has no array {key!r}; it holds {f.files}.")
-        x, y = f[x_key], f[y_key]
+    arrays = _read_npz(path)
+    for arg, key in (("x_key", x_key), ("y_key", y_key)):
+        if key not in arrays:
+            raise ValueError(f"{arg}: {path!r} has no array {key!r}; it holds {sorted(arrays)}.")
+    x = _features(arrays[x_key], path, ".npz", repr(x_key))
+    y = _labels(arrays[y_key], path, ".npz", repr(y_key))
     if len(x) != len(y):
-        raise ValueError(f"{path!r}: {x_key!r} has {len(x)} rows but {y_key!r} has {len(y)}.")
-    return x.astype(np.float32), _labels(y, f"{path!r}[{y_key!r}]")
+        raise validation.file_error(path, ".npz", f"{x_key!r} has {len(x)} rows but {y_key!r} "
+                                                  f"has {len(y)}")
+    return x, y
 
 
 def load_csv(path, label_column: int = -1, delimiter: str = ",",
@@ -170,28 +226,35 @@ def load_csv(path, label_column: int = -1, delimiter: str = ",",
     Returns:
       (x float32 [n, columns - 1], y int32 [n]).
     """
-    path = _check_file(path)
-    with open(path, newline="") as f:
-        rows = [row for row in csv.reader(f, delimiter=delimiter) if row]
+    text = validation.read_text(path, "CSV")
+    try:
+        rows = [row for row in csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+                if row]
+    except csv.Error as e:
+        raise validation.file_error(path, "CSV", str(e)) from e
     if skip_header is None:
         skip_header = bool(rows) and not _is_numeric(rows[0])
     rows = rows[1:] if skip_header else rows
     if not rows:
-        raise ValueError(f"path: {path!r} has no data rows.")
+        raise validation.file_error(path, "CSV", "expected at least one data row, got none")
     widths = {len(r) for r in rows}
     if len(widths) != 1:
-        raise ValueError(f"path: {path!r} rows have different numbers of columns {sorted(widths)}.")
+        raise validation.file_error(path, "CSV", f"expected rows of equal length, got rows of "
+                                                 f"{sorted(widths)} columns")
     try:
         table = np.asarray(rows, dtype=np.float64)
     except ValueError as e:
-        raise ValueError(f"path: {path!r} has non-numeric values ({e}); set skip_header=True "
-                         "if the first row is a header.") from e
+        raise validation.file_error(path, "CSV", f"expected numbers, got non-numeric values ({e}); "
+                                                 "set skip_header=True if the first row is a "
+                                                 "header") from e
     width = table.shape[1]
-    if not -width <= label_column < width or width < 2:
-        raise ValueError(f"label_column: expected an index in [{-width}, {width}) of a file with "
-                         f">= 2 columns, got {label_column} for {width} columns.")
-    y = _labels(table[:, label_column], f"{path!r} column {label_column}")
-    return np.delete(table, label_column % width, axis=1).astype(np.float32), y
+    validation.check_int("label_column", label_column, minimum=-width, maximum=width - 1)
+    if width < 2:
+        raise validation.file_error(path, "CSV", "expected >= 2 columns (features and a label), "
+                                                 "got 1")
+    y = _labels(table[:, label_column], path, "CSV", f"column {label_column}")
+    x = _features(np.delete(table, label_column % width, axis=1), path, "CSV", "features")
+    return x, y
 
 
 def _is_numeric(row: list[str]) -> bool:
@@ -221,25 +284,49 @@ def load_leaf_json(path) -> list[dict[str, np.ndarray]]:
             raise FileNotFoundError(f"path: directory {path!r} holds no .json files.")
     else:
         files = [_check_file(path)]
+    return [client for file in files for client in _leaf_file(file)]
+
+
+def _leaf_file(file: str) -> list[dict[str, np.ndarray]]:
+    """The users of one LEAF JSON file; every failure is one line naming the file."""
+    text = validation.read_text(file, "LEAF JSON")
+    try:
+        blob = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise validation.file_error(file, "LEAF JSON", str(e)) from e
+
+    def bad(problem):
+        return validation.file_error(file, "LEAF JSON", problem)
+
+    if not isinstance(blob, dict):
+        raise bad(f"expected an object with 'users' and 'user_data', got {type(blob).__name__}")
+    for key, kind in (("users", list), ("user_data", dict)):
+        if not isinstance(blob.get(key), kind):
+            raise bad(f"expected a {kind.__name__} {key!r}, got "
+                      f"{type(blob.get(key)).__name__} (keys: {sorted(blob)})")
+    users, user_data = blob["users"], blob["user_data"]
+    for user in users:
+        data = user_data.get(user) if isinstance(user, str) else None
+        if not isinstance(data, dict) or not {"x", "y"} <= set(data):
+            raise bad(f"expected user_data[{user!r}] with 'x' and 'y'")
+    declared = blob.get("num_samples")
+    if declared is not None and (not isinstance(declared, list) or len(declared) != len(users)):
+        got = len(declared) if isinstance(declared, list) else type(declared).__name__
+        raise bad(f"expected 'num_samples' with one entry per user ({len(users)}), got {got}")
     clients = []
-    for file in files:
-        with open(file) as f:
-            blob = json.load(f)
-        for key in ("users", "user_data"):
-            if key not in blob:
-                raise ValueError(f"{file!r}: missing LEAF key {key!r}; found {sorted(blob)}.")
-        for i, user in enumerate(blob["users"]):
-            if user not in blob["user_data"] or not {"x", "y"} <= set(blob["user_data"][user]):
-                raise ValueError(f"{file!r}: user_data[{user!r}] is missing or lacks 'x'/'y'.")
-            data = blob["user_data"][user]
+    for i, user in enumerate(users):
+        data, where = user_data[user], f"user {user!r}"
+        try:
             x, y = np.asarray(data["x"]), np.asarray(data["y"])
-            declared = blob["num_samples"][i] if "num_samples" in blob else len(y)
-            if not len(x) == len(y) == declared:
-                raise ValueError(f"{file!r}: user {user!r} has {len(x)} x, {len(y)} y and "
-                                 f"num_samples {declared}.")
-            if x.dtype.kind in "iuf":
-                x = x.astype(np.float32)
-            clients.append({"x": x, "y": _labels(y, f"{file!r} user {user!r}")})
+        except ValueError as e:
+            raise bad(f"{where}: expected rectangular x and y, got ragged lists ({e})") from e
+        n = len(y) if declared is None else declared[i]
+        if x.ndim < 1 or not len(x) == len(y) == n:
+            raise bad(f"{where}: expected len(x) == len(y) == num_samples, got len(x) "
+                      f"{len(x)}, len(y) {len(y)} and num_samples {n}")
+        if x.dtype.kind in "iufb":
+            x = _features(x, file, "LEAF JSON", where)
+        clients.append({"x": x, "y": _labels(y, file, "LEAF JSON", where)})
     return clients
 
 
@@ -289,6 +376,11 @@ def federated_dataset(name: str, *, num_clients: int, partition: str = "dirichle
     """
     if name not in DATASETS:
         raise ValueError(f"name: unknown dataset {name!r}; expected one of {sorted(DATASETS)}.")
+    num_clients = validation.check_int("num_clients", num_clients, minimum=1)
+    seed = validation.check_seed("seed", seed)
+    validation.check_real("train_fraction", train_fraction, minimum=0, maximum=1, strict=True)
+    if not isinstance(image, bool):
+        raise ValueError(f"image: expected a bool, got {image!r}.")
     if partition not in PARTITIONS:
         raise ValueError(f"partition: unknown partition {partition!r}; expected one of "
                          f"{sorted(PARTITIONS)}.")

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from fedjax_pfl import validation
 from fedjax_pfl.data.client_data import ClientData
 from fedjax_pfl.data.partition import train_test_split
 
@@ -30,6 +31,10 @@ from fedjax_pfl.data.partition import train_test_split
 def _check(name, value, ok, expected):
     if not ok:
         raise ValueError(f"{name}: expected {expected}, got {value!r}.")
+
+
+def _pair(value) -> bool:
+    return isinstance(value, (tuple, list)) and len(value) == 2
 
 
 def multimodal_synthetic(
@@ -68,17 +73,22 @@ def multimodal_synthetic(
       (train, test, info); info holds "num_classes", "dims", "noise_levels"
       [M, 2] and "noisy_modality" [M] (-1: none, 0: x_a, 1: x_b).
     """
-    _check("num_clients", num_clients, isinstance(num_clients, int) and num_clients >= 1,
-           "an int >= 1")
-    _check("dims", dims, len(dims) == 2 and all(isinstance(d, int) and d >= 1 for d in dims),
+    validation.check_int("num_clients", num_clients, minimum=1)
+    _check("dims", dims, _pair(dims) and all(validation.is_int(d) and d >= 1 for d in dims),
            "two positive ints")
-    _check("num_classes", num_classes, isinstance(num_classes, int) and num_classes >= 2,
-           "an int >= 2")
-    _check("examples", examples, len(examples) == 2 and 2 <= examples[0] <= examples[1],
-           "(min, max) with 2 <= min <= max")
-    _check("alpha", alpha, alpha > 0, "a number > 0")
-    _check("noisy_fraction", noisy_fraction, 0 <= noisy_fraction <= 1, "a number in [0, 1]")
-    rng = np.random.default_rng(seed)
+    validation.check_int("num_classes", num_classes, minimum=2)
+    validation.check_int("latent_dim", latent_dim, minimum=1)
+    _check("examples", examples, _pair(examples) and all(map(validation.is_int, examples))
+           and 2 <= examples[0] <= examples[1], "(min, max) ints with 2 <= min <= max")
+    validation.check_real("alpha", alpha, minimum=0, strict=True)
+    _check("noise", noise, _pair(noise) and all(isinstance(v, (int, float)) and np.isfinite(v)
+                                                and v >= 0 for v in noise),
+           "two finite numbers >= 0")
+    validation.check_real("noisy_fraction", noisy_fraction, minimum=0, maximum=1)
+    validation.check_real("noisy_scale", noisy_scale, minimum=0)
+    validation.check_real("distortion", distortion, minimum=0)
+    validation.check_real("train_fraction", train_fraction, minimum=0, maximum=1, strict=True)
+    rng = np.random.default_rng(validation.check_seed("seed", seed))
     means = rng.normal(size=(num_classes, latent_dim)) * 1.5
     maps = [rng.normal(size=(d, latent_dim)) / np.sqrt(latent_dim) for d in dims]
     noisy = np.full(num_clients, -1)

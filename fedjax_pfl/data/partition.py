@@ -12,6 +12,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from fedjax_pfl import validation
+
 __all__ = [
     "PARTITIONS",
     "dirichlet",
@@ -33,9 +35,17 @@ def _check_labels(labels) -> np.ndarray:
 
 
 def _check_num_clients(num_clients: int, n: int) -> None:
-    if int(num_clients) != num_clients or not 1 <= num_clients <= n:
-        raise ValueError(f"num_clients: expected an integer in [1, {n}] (the number of "
-                         f"examples), got {num_clients}.")
+    if not (validation.is_int(num_clients) and 1 <= num_clients <= n):
+        raise ValueError(f"num_clients: expected an int in [1, {n}] (the number of "
+                         f"examples), got {num_clients!r}.")
+
+
+def _rng(seed) -> np.random.Generator:
+    return np.random.default_rng(validation.check_int("seed", seed, minimum=0))
+
+
+def _check_min_samples(min_samples, num_clients: int, n: int) -> None:
+    validation.check_int("min_samples", min_samples, minimum=0, maximum=n // num_clients)
 
 
 def _split_by_sizes(order: np.ndarray, sizes: np.ndarray) -> list[np.ndarray]:
@@ -65,7 +75,7 @@ def iid(labels, num_clients: int, *, seed: int = 0) -> list[np.ndarray]:
     """
     labels = _check_labels(labels)
     _check_num_clients(num_clients, labels.size)
-    order = np.random.default_rng(seed).permutation(labels.size)
+    order = _rng(seed).permutation(labels.size)
     return [part.astype(np.int64) for part in np.array_split(order, num_clients)]
 
 
@@ -101,16 +111,12 @@ def dirichlet(labels, num_clients: int, *, alpha: float, seed: int = 0,
     labels = _check_labels(labels)
     n = labels.size
     _check_num_clients(num_clients, n)
-    if not (np.isfinite(alpha) and alpha > 0):
-        raise ValueError(f"alpha: expected a finite number > 0, got {alpha}.")
+    validation.check_real("alpha", alpha, minimum=0, strict=True)
     if min_samples is None:
         min_samples = min(10, n // num_clients // 2)
-    if min_samples < 0 or min_samples * num_clients > n:
-        raise ValueError(f"min_samples: expected an integer in [0, {n // num_clients}] "
-                         f"(N // num_clients), got {min_samples}.")
-    if max_tries < 1:
-        raise ValueError(f"max_tries: expected an integer >= 1, got {max_tries}.")
-    rng = np.random.default_rng(seed)
+    _check_min_samples(min_samples, num_clients, n)
+    validation.check_int("max_tries", max_tries, minimum=1)
+    rng = _rng(seed)
     class_members = [np.flatnonzero(labels == c) for c in np.unique(labels)]
     cap = n / num_clients
     for _ in range(max_tries):
@@ -162,11 +168,11 @@ def pathological(labels, num_clients: int, *, classes_per_client: int,
     _check_num_clients(num_clients, n)
     classes, counts = np.unique(labels, return_counts=True)
     c = classes_per_client
-    if int(c) != c or not 1 <= c <= classes.size or num_clients * c > n:
+    if not (validation.is_int(c) and 1 <= c <= classes.size and num_clients * c <= n):
         raise ValueError(f"classes_per_client: expected an integer in [1, {classes.size}] (the "
                          f"number of classes) with num_clients * classes_per_client <= {n}, "
                          f"got {classes_per_client}.")
-    rng = np.random.default_rng(seed)
+    rng = _rng(seed)
     num_shards = num_clients * c
     shuffled = rng.permutation(n)
     order = shuffled[np.argsort(labels[shuffled], kind="stable")]
@@ -211,14 +217,10 @@ def quantity_skew(labels, num_clients: int, *, seed: int = 0, distribution: str 
     if distribution not in ("lognormal", "power_law"):
         raise ValueError(f"distribution: expected 'lognormal' or 'power_law', got "
                          f"{distribution!r}.")
-    if not sigma > 0:
-        raise ValueError(f"sigma: expected a number > 0, got {sigma}.")
-    if not exponent > 0:
-        raise ValueError(f"exponent: expected a number > 0, got {exponent}.")
-    if min_samples < 0 or min_samples * num_clients > n:
-        raise ValueError(f"min_samples: expected an integer in [0, {n // num_clients}] "
-                         f"(N // num_clients), got {min_samples}.")
-    rng = np.random.default_rng(seed)
+    validation.check_real("sigma", sigma, minimum=0, strict=True)
+    validation.check_real("exponent", exponent, minimum=0, strict=True)
+    _check_min_samples(min_samples, num_clients, n)
+    rng = _rng(seed)
     if distribution == "lognormal":
         raw = rng.lognormal(0.0, sigma, num_clients)
     else:
@@ -257,9 +259,8 @@ def train_test_split(client_indices: Sequence[np.ndarray], *, train_fraction: fl
     Returns:
       (train, test): two lists of sorted int64 index arrays, one per client.
     """
-    if not 0 < train_fraction < 1:
-        raise ValueError(f"train_fraction: expected a number in (0, 1), got {train_fraction}.")
-    rng = np.random.default_rng(seed)
+    validation.check_real("train_fraction", train_fraction, minimum=0, maximum=1, strict=True)
+    rng = _rng(seed)
     train, test = [], []
     for idx in client_indices:
         idx = rng.permutation(np.asarray(idx, dtype=np.int64))
