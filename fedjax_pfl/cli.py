@@ -121,17 +121,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def _load_toml(path: str, tables: tuple[str, ...], flag: str = "config") -> dict[str, dict]:
     """The tables of a TOML file (missing ones empty); anything else is an error."""
-    try:
-        import tomllib
-    except ImportError as e:  # Python 3.10
-        raise ImportError(f"{flag}: needs Python >= 3.11 (tomllib).") from e
-    try:
-        with open(path, "rb") as f:
-            blob = tomllib.load(f)
-    except OSError as e:
-        raise ValueError(f"{flag}: cannot read {path}: {e.strerror or e}") from e
-    except tomllib.TOMLDecodeError as e:
-        raise ValueError(f"{flag}: {path}: invalid TOML: {e}") from e
+    from fedjax_pfl import validation
+
+    blob = validation.load_toml(path, flag)
     if set(blob) - set(tables) or not all(isinstance(blob.get(t, {}), dict) for t in tables):
         names = [f"[{t}]" for t in tables]
         raise ValueError(f"{flag}: {path}: expected only {', '.join(names[:-1])} and "

@@ -33,6 +33,7 @@ import numpy as np
 import optax
 
 from fedjax_pfl import callbacks as callbacks_lib
+from fedjax_pfl import validation
 from fedjax_pfl import metrics as metrics_lib
 from fedjax_pfl.core.algorithm import FederatedAlgorithm, check_same_clients
 from fedjax_pfl.data.client_data import ClientData
@@ -171,13 +172,6 @@ def _check_args(algorithm, train, test, rounds, eval_every, checkpoint_every, ma
     check_same_clients(train.num_clients, test, "test")
 
 
-def _check_seed(name: str, seed) -> int:
-    ok = isinstance(seed, (int, np.integer)) and not isinstance(seed, bool)
-    if not (ok and 0 <= seed < 2**63):
-        raise ValueError(f"{name}: expected an int in [0, 2**63), got {seed!r}.")
-    return int(seed)
-
-
 def _boundaries(done: int, target: int, eval_every, checkpoint_every):
     """The next block end after round `done`."""
     ends = [target]
@@ -299,7 +293,7 @@ def simulate(
         results so far are on disk and the last good checkpoint is kept.
     """
     _check_args(algorithm, train, test, rounds, eval_every, checkpoint_every, max_loss_ratio)
-    seed = _check_seed("seed", seed)
+    seed = validation.check_seed("seed", seed)
     if resume and state is not None:
         raise ValueError("state: give either state or resume=True, not both.")
     if out is not None:
@@ -312,6 +306,7 @@ def simulate(
     init_key, round_key = seed_keys(seed)
     state = algorithm.init(init_key, train) if state is None else jax.tree.map(jnp.copy, state)
     state = _own_buffers(state)
+    validation.check_inputs(algorithm, state, train, test)
     ckpt, meta = None, None
     if checkpoint_dir is not None:
         from fedjax_pfl.checkpoint import Checkpoints
@@ -320,7 +315,8 @@ def simulate(
         if resume and ckpt.latest() is not None:
             fresh = state
             state, meta = ckpt.restore(state)
-            _check_same_run(checkpoint_dir, meta, seed, fresh.hparams, state.hparams)
+            _check_same_run(checkpoint_dir, meta, seed, train.num_clients, fresh.hparams,
+                            state.hparams)
     done = int(state.round)
     target = rounds if meta is not None else done + rounds
     run = _Run(out, callbacks, _progress(target, done, progress))
@@ -358,7 +354,7 @@ def simulate(
             diverged = evaluate()
         if ckpt is not None and not diverged and (
                 (checkpoint_every and done % checkpoint_every == 0) or done == target):
-            ckpt.save(done, state, {"seed": seed, "round_key": _key_list(round_key),
+            ckpt.save(done, state, {"seed": seed, "num_clients": train.num_clients, "round_key": _key_list(round_key),
                                     "ceiling": float(ceiling), "config": config or {},
                                     "history": run.result.history, "evals": run.result.evals})
     if ckpt is not None:
@@ -370,8 +366,11 @@ def simulate(
     return result
 
 
-def _check_same_run(directory, meta, seed, want_hparams, got_hparams) -> None:
-    """A resumed run must have the checkpoint's seed and numeric hyperparameters."""
+def _check_same_run(directory, meta, seed, num_clients, want_hparams, got_hparams) -> None:
+    """A resumed run must have the checkpoint's seed, clients and numeric hyperparameters."""
+    if meta.get("num_clients") != num_clients:
+        raise ValueError(f"train: the checkpoints in {directory!r} were made by another run with "
+                         f"{meta.get('num_clients')} clients, got {num_clients}.")
     if meta.get("seed") != seed:
         raise ValueError(f"seed: the checkpoints in {directory!r} were made with seed "
                          f"{meta.get('seed')}, got {seed}.")
@@ -419,7 +418,7 @@ def simulate_grid(
       P `Result`s.
     """
     _check_args(algorithm, train, test, rounds, eval_every, None, max_loss_ratio)
-    seeds = [_check_seed(f"seeds[{p}]", s) for p, s in enumerate(seeds)]
+    seeds = [validation.check_seed(f"seeds[{p}]", s) for p, s in enumerate(seeds)]
     num = len(seeds)
     hparams = dict(hparams or {})
     outs = list(outs) if outs is not None else [None] * num
@@ -432,6 +431,7 @@ def simulate_grid(
     if unknown:
         raise ValueError(f"hparams: {sorted(unknown)} are not traced hyperparameters of this "
                          f"algorithm; it has {sorted(states[0].hparams)}.")
+    validation.check_inputs(algorithm, states[0], train, test)
     for out in outs:
         if out is not None:
             check_output(out)

@@ -532,11 +532,11 @@ SIMULATE = [
     Case("simulate rounds=-1", _simulate(rounds=-1), ValueError, r"^rounds:"),
     Case("simulate eval_every=0", _simulate(eval_every=0), ValueError, r"^eval_every:"),
     Case("simulate train not ClientData", _simulate(data={"x": 1}), TypeError, r"^train:"),
-    Case("simulate seed=2**70", _simulate(seed=2**70), ValueError, r"^seed:", (LEAD,)),
+    Case("simulate seed=2**70", _simulate(seed=2**70), ValueError, r"^seed:"),
     Case("simulate test label 5", _simulate(test=_test_label(5)), ValueError,
-         r"test\.examples\['y'\]", (LEAD,)),
+         r"test\.examples\['y'\]"),
     Case("simulate test without y", _simulate(test=_without(heldout(), "y")), ValueError,
-         r"test: expected a field 'y'", (LEAD,)),
+         r"test: expected a field 'y'"),
 ]
 
 
@@ -581,7 +581,7 @@ CLI = [
     _cli_case("fedalt --set personal_steps=0", ["--algorithm", "fedalt", "--model", "mlp",
                                                 "--set", "personal_steps=0"], r"personal_steps:"),
     _cli_case("fedprox --set mu=nan", ["--algorithm", "fedprox", "--set", "mu=nan"], r"mu:"),
-    _cli_case("config not UTF-8", ["--config", "@bad.toml"], r"bad\.toml", (LEAD,)),
+    _cli_case("config not UTF-8", ["--config", "@bad.toml"], r"bad\.toml"),
     _cli_case("config truncated", ["--config", "@cut.toml"], r"cut\.toml"),
 ]
 
