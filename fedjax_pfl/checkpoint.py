@@ -43,14 +43,15 @@ class Checkpoints:
         return self.manager.latest_step()
 
     def save(self, round_: int, state, meta: dict) -> None:
-        """Saves `state` and `meta` as round `round_` (asynchronously; see `wait`)."""
+        """Saves `state` and `meta` as round `round_`, returning once it is on disk.
+
+        Synchronous on purpose: the driver donates `state` to the next block right
+        after, and a host copy on CPU may share the donated buffer.
+        """
         meta = {**meta, "fingerprint": fingerprint(state)}
         args = self._ocp.args.Composite(state=self._ocp.args.StandardSave(state),
                                         meta=self._ocp.args.JsonSave(meta))
         self.manager.save(round_, args=args, force=True)
-
-    def wait(self) -> None:
-        """Blocks until every save has been written."""
         self.manager.wait_until_finished()
 
     def restore(self, template, round_: int | None = None):
@@ -67,7 +68,8 @@ class Checkpoints:
         where = os.path.join(self.directory, str(round_))
         args = self._ocp.args
         try:
-            meta = self.manager.restore(round_, args=args.Composite(meta=args.JsonRestore()))["meta"]
+            meta = self.manager.restore(
+                round_, args=args.Composite(meta=args.JsonRestore()))["meta"]
         except Exception as e:  # noqa: BLE001 - any orbax/IO failure is a corrupt checkpoint
             raise ValueError(f"checkpoint: cannot read {where!r}: {_one_line(e)}") from e
         want = fingerprint(template)

@@ -137,7 +137,7 @@ def _load_config(path: str) -> tuple[dict, dict]:
 
 
 def _resolve(args) -> tuple[dict, dict]:
-    """Run options and factory kwargs: defaults < config file (or --resume's config.json) < flags."""
+    """Run options and factory kwargs: defaults < config file (or --resume's config) < flags."""
     file_run, file_algo = _load_config(args.config) if args.config else ({}, {})
     if args.resume:
         if args.config:

@@ -33,8 +33,8 @@ import numpy as np
 import optax
 
 from fedjax_pfl import callbacks as callbacks_lib
-from fedjax_pfl import validation
 from fedjax_pfl import metrics as metrics_lib
+from fedjax_pfl import validation
 from fedjax_pfl.core.algorithm import FederatedAlgorithm, check_same_clients
 from fedjax_pfl.data.client_data import ClientData
 from fedjax_pfl.results import Result, ResultsWriter, check_output
@@ -354,7 +354,8 @@ def simulate(
             diverged = evaluate()
         if ckpt is not None and not diverged and (
                 (checkpoint_every and done % checkpoint_every == 0) or done == target):
-            ckpt.save(done, state, {"seed": seed, "num_clients": train.num_clients, "round_key": _key_list(round_key),
+            ckpt.save(done, state, {"seed": seed, "num_clients": train.num_clients,
+                                    "round_key": _key_list(round_key),
                                     "ceiling": float(ceiling), "config": config or {},
                                     "history": run.result.history, "evals": run.result.evals})
     if ckpt is not None:

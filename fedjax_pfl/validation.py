@@ -164,7 +164,8 @@ def _facts(data: ClientData, name: str) -> dict:
         return hit[1]
     with jax.ensure_compile_time_eval():
         facts = _compute_facts(data, name)
-    _FACTS[id(data)] = (weakref.ref(data, lambda _, k=id(data): _FACTS.pop(k, None)), facts)
+    key = id(data)
+    _FACTS[key] = (weakref.ref(data, lambda _, k=key: _FACTS.pop(k, None)), facts)
     return facts
 
 

@@ -207,9 +207,9 @@ def test_killed_run_resumed_is_bit_identical(tmp_path):
         assert (tmp_path / "killed" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
     rounds = (tmp_path / "whole" / "rounds.jsonl").read_text().splitlines()
     assert len(rounds) == 600
-    from fedjax_pfl.checkpoint import Checkpoints
-
     import orbax.checkpoint as ocp
+
+    from fedjax_pfl.checkpoint import Checkpoints
 
     args = ocp.args.Composite(state=ocp.args.StandardRestore())
     states = [Checkpoints(str(tmp_path / d / "checkpoints")).manager.restore(600, args=args)

@@ -10,9 +10,8 @@ compile.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Protocol
-
 import math
+from typing import Any, NamedTuple, Protocol
 
 import jax
 
