@@ -9,6 +9,8 @@ import jax
 jax.config.update("jax_num_cpu_devices", 4)
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
+import os  # noqa: E402
+
 import pytest  # noqa: E402
 
 from fedjax_pfl import testing  # noqa: E402
@@ -26,6 +28,29 @@ def pytest_collection_modifyitems(items):
         name = params.params.get("name") if params else None
         if item.get_closest_marker("costly") and name not in FULL_CONFORMANCE:
             item.add_marker(pytest.mark.slow)
+
+
+# Every compiled XLA:CPU executable keeps its JIT code mapped (about three
+# memory maps each) for as long as JAX caches it. A pytest-xdist worker that
+# compiles thousands of programs reaches the kernel's vm.max_map_count (65530
+# by default) and segfaults inside the next compile; CI lost two workers this
+# way. Drop JAX's caches whenever a worker holds more than a third of that.
+_MAX_MAPS = 20_000
+
+
+def _num_maps():
+    try:
+        with open(f"/proc/{os.getpid()}/maps", "rb") as f:
+            return sum(1 for _ in f)
+    except OSError:  # not Linux
+        return 0
+
+
+@pytest.fixture(autouse=True)
+def _bounded_executable_cache():
+    yield
+    if _num_maps() > _MAX_MAPS:
+        jax.clear_caches()
 
 
 @pytest.fixture(scope="session")
