@@ -27,8 +27,9 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from fedjax_pfl.core import aggregation, algorithm, local, sampling
+from fedjax_pfl.core import aggregation, algorithm, local
 from fedjax_pfl.core import execution as ex
+from fedjax_pfl.core import round as round_lib
 from fedjax_pfl.core.algorithm import FederatedAlgorithm
 from fedjax_pfl.models.model import Model
 
@@ -73,6 +74,7 @@ def apfl(
     server_optimizer: local.OptimizerSpec = "sgd",
     server_lr: float = 1.0,
     execution: str | ex.Execution = "vmap",
+    diagnostics: bool = False,
 ) -> FederatedAlgorithm:
     """APFL.
 
@@ -85,6 +87,8 @@ def apfl(
       client_optimizer, client_lr: the optimizer of (w_i, v_i) and its lr.
       server_optimizer, server_lr: server optimizer on the pseudo-gradient.
       execution: client-axis strategy.
+      diagnostics: add each round's alpha_i of the cohort to the metrics
+        (`metrics["diagnostics"]`: "clients" [S], "alpha" [S]).
     """
     algorithm.check_arg("alpha", alpha, isinstance(alpha, (int, float))
                         and not isinstance(alpha, bool) and 0.0 <= alpha <= 1.0,
@@ -96,13 +100,14 @@ def apfl(
     algorithm.check_number("server_lr", server_lr)
     local.check_optimizer("server_optimizer", server_optimizer)
     schedule = local.LocalSchedule(batch_size, local_steps, local_epochs, client_optimizer)
+    algorithm.check_arg("diagnostics", diagnostics, isinstance(diagnostics, bool), "a bool")
     execution = ex.as_execution(execution)
 
-    def init(key, train):
+    def init(key, train, params=None):
         algorithm.check_data(model, train, clients_per_round)
-        params = model.init(key)
+        params = algorithm.initial_params(model, key, params)
         m = train.num_clients
-        personal = jax.tree.map(lambda a: jnp.broadcast_to(a, (m,) + a.shape), params)
+        personal = round_lib.replicate(params, m)
         hp = algorithm.hparams(client_lr=client_lr, server_lr=server_lr,
                                alpha_lr=client_lr if alpha_lr is None else alpha_lr)
         opt_state = local.make_optimizer(server_optimizer, hp["server_lr"]).init(params)
@@ -147,25 +152,22 @@ def apfl(
         w, v, a, loss = client_train(params, personal, a, data, key, hp)
         return (loss, v, a), aggregation.weighted_delta(w, params, weight)
 
-    def round_fn(state, train, key):
-        algorithm.check_train(train, clients_per_round)
-        algorithm.check_same_clients(state.client_alpha.shape[0], train, "train")
-        sample_key, client_key = sampling.round_keys(key)
-        ids = sampling.sample_cohort(sample_key, train.num_clients, clients_per_round)
-        cohort = train.take(ids)
-        n = cohort.num_examples.astype(jnp.float32)
-        keys = sampling.client_keys(client_key, ids)
-        xs = (cohort, keys, n, sampling.take(state.client_params, ids), state.client_alpha[ids])
+    def round_fn(state, train, key, cohort=None):
+        cohort, data, keys, n = round_lib.start(key, train, clients_per_round, cohort,
+                                                state_clients=state.client_alpha.shape[0])
+        xs = (data, keys, n, cohort.take(state.client_params), cohort.take(state.client_alpha))
         (losses, personal, alphas), (delta_sum, weight_sum) = ex.map_reduce(
             client_update, (state.params, state.hparams), xs, execution)
         server_opt = local.make_optimizer(server_optimizer, state.hparams["server_lr"])
         params, opt_state = aggregation.server_update(
             server_opt, state.params, state.opt_state, aggregation.safe_div(delta_sum, weight_sum))
-        metrics = {"train_loss": jnp.sum(n * losses) / jnp.maximum(jnp.sum(n), 1.0)}
+        metrics = {"train_loss": round_lib.mean_loss(losses, n)}
+        if diagnostics:
+            metrics["diagnostics"] = {"clients": cohort.ids, "alpha": alphas}
         return state.replace(
             round=state.round + 1, params=params, opt_state=opt_state,
-            client_params=sampling.put(state.client_params, ids, personal),
-            client_alpha=state.client_alpha.at[ids].set(alphas)), metrics
+            client_params=cohort.put(state.client_params, personal),
+            client_alpha=cohort.put(state.client_alpha, alphas)), metrics
 
     def evaluate(state, train, test):
         algorithm.check_same_clients(train.num_clients, test, "test")

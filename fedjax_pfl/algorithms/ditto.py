@@ -27,8 +27,9 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from fedjax_pfl.core import aggregation, algorithm, local, sampling
+from fedjax_pfl.core import aggregation, algorithm, local
 from fedjax_pfl.core import execution as ex
+from fedjax_pfl.core import round as round_lib
 from fedjax_pfl.core.algorithm import FederatedAlgorithm
 from fedjax_pfl.models.model import Model
 
@@ -90,11 +91,10 @@ def ditto(
     execution = ex.as_execution(execution)
     loss_fn = local.model_loss_fn(model)
 
-    def init(key, train):
+    def init(key, train, params=None):
         algorithm.check_data(model, train, clients_per_round)
-        params = model.init(key)
-        personal = jax.tree.map(lambda a: jnp.broadcast_to(a, (train.num_clients,) + a.shape),
-                                params)
+        params = algorithm.initial_params(model, key, params)
+        personal = round_lib.replicate(params, train.num_clients)
         hp = algorithm.hparams(client_lr=client_lr, server_lr=server_lr, lam=lam,
                                personal_lr=client_lr if personal_lr is None else personal_lr)
         opt_state = local.make_optimizer(server_optimizer, hp["server_lr"]).init(params)
@@ -111,25 +111,19 @@ def ditto(
         y = (result.mean_loss(), personal)
         return y, aggregation.weighted_delta(result.params, params, weight)
 
-    def round_fn(state, train, key):
-        algorithm.check_train(train, clients_per_round)
-        algorithm.check_same_clients(jax.tree.leaves(state.client_params)[0].shape[0], train,
-                                     "train")
-        sample_key, client_key = sampling.round_keys(key)
-        ids = sampling.sample_cohort(sample_key, train.num_clients, clients_per_round)
-        cohort = train.take(ids)
-        n = cohort.num_examples.astype(jnp.float32)
-        keys = sampling.client_keys(client_key, ids)
+    def round_fn(state, train, key, cohort=None):
+        cohort, data, keys, n = round_lib.start(
+            key, train, clients_per_round, cohort,
+            state_clients=round_lib.num_clients_of(state.client_params))
         (losses, personal), (delta_sum, weight_sum) = ex.map_reduce(
             client_update, (state.params, state.hparams),
-            (cohort, keys, n, sampling.take(state.client_params, ids)), execution)
+            (data, keys, n, cohort.take(state.client_params)), execution)
         server_opt = local.make_optimizer(server_optimizer, state.hparams["server_lr"])
         params, opt_state = aggregation.server_update(
             server_opt, state.params, state.opt_state, aggregation.safe_div(delta_sum, weight_sum))
-        metrics = {"train_loss": jnp.sum(n * losses) / jnp.maximum(jnp.sum(n), 1.0)}
+        metrics = {"train_loss": round_lib.mean_loss(losses, n)}
         return state.replace(round=state.round + 1, params=params, opt_state=opt_state,
-                             client_params=sampling.put(state.client_params, ids, personal)
-                             ), metrics
+                             client_params=cohort.put(state.client_params, personal)), metrics
 
     def evaluate(state, train, test):
         algorithm.check_same_clients(train.num_clients, test, "test")

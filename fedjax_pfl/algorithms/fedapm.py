@@ -3,7 +3,8 @@
 Reference:
   Zhu, Nie, Zeng, Wang, Sun, Yao, Chen, Xu, Yang, "FedAPM: Federated Learning
   via ADMM with Partial Model Personalization", arXiv:2506.04672 (2025).
-  Released code: github.com/NieFeiteng/FedAPM (the defaults follow it).
+  Released code: github.com/NieFeiteng/FedAPM (the numeric defaults follow it;
+  `personal` does not, see below).
 
 Consensus problem min Σ_i α_i f_i(v_i, u_i) s.t. u_i = u, with the per-client
 augmented Lagrangian α_i f_i(v_i, u_i) + ⟨π_i, u_i − u⟩ + ρ/2 ‖u_i − u‖².
@@ -49,8 +50,9 @@ import optax
 from flax import struct
 
 from fedjax_pfl.algorithms import partial
-from fedjax_pfl.core import algorithm, local, sampling
+from fedjax_pfl.core import algorithm, local
 from fedjax_pfl.core import execution as ex
+from fedjax_pfl.core import round as round_lib
 from fedjax_pfl.core.algorithm import FederatedAlgorithm
 from fedjax_pfl.models.model import Model
 
@@ -93,7 +95,7 @@ def fedapm(
     clients_per_round: int | None = None,
     batch_size: int = 50,
     local_steps: int | None = None,
-    local_epochs: int | None = 3,
+    local_epochs: int | None = None,
     client_optimizer: local.OptimizerSpec = "sgd",
     client_lr: float = 0.1,
     rho: float = 0.01,
@@ -103,22 +105,29 @@ def fedapm(
     server_average: str = "all",
     evaluation: str = "local",
     execution: str | ex.Execution = "vmap",
+    diagnostics: bool = False,
 ) -> FederatedAlgorithm:
     """FedAPM (see the module docstring for the round and the flags).
 
     Args:
       model: the model.
       personal: which params are personal (top-level module names, a regex on
-        "/"-joined paths, or a predicate); the rest is shared.
+        "/"-joined paths, or a predicate); the rest is shared. The default
+        `("head",)` (the classifier of the zoo's models) is this library's
+        choice; the released code's multimodal experiments make the modality
+        encoders personal: `personal=fp.models.ENCODERS` with `models.multimodal`.
       clients_per_round: S, sampled without replacement (None: all clients).
-      batch_size, local_steps, local_epochs: the schedule of EACH phase
-        (`local_steps` overrides the default 3 epochs).
+      batch_size, local_steps, local_epochs: the schedule of EACH phase: at
+        most one of `local_steps` / `local_epochs` (neither: 3 epochs, as the code).
       client_optimizer, client_lr: the local optimizer (plain SGD in the code).
       rho, sigma, weight_decay: ρ, σ and μ (traced; sweepable).
       client_weight: "uniform" (α_i = 1/M) or "unit" (α_i = 1).
       server_average: "all" or "cohort".
       evaluation: "local" (v_i, u_i) or "global" (v_i, u).
       execution: client-axis strategy.
+      diagnostics: add per-client diagnostics of each round to the metrics
+        (`metrics["diagnostics"]`: "clients", "drift" ‖u_i − u‖ and
+        "dual_norm" ‖π_i‖ after the round, each [S]).
 
     Raises:
       ValueError: for a bad argument (named in the message), before any compile.
@@ -131,21 +140,23 @@ def fedapm(
                                  ("server_average", server_average, SERVER_AVERAGES),
                                  ("evaluation", evaluation, EVALUATIONS)):
         algorithm.check_arg(name, value, value in options, f"one of {options}")
-    if local_steps is not None:
-        local_epochs = None
+    algorithm.check_arg("diagnostics", diagnostics, isinstance(diagnostics, bool), "a bool")
+    if local_steps is None and local_epochs is None:
+        local_epochs = 3
     part = partial.model_partition(model, personal)
     schedule = local.LocalSchedule(batch_size, local_steps, local_epochs, client_optimizer)
     trainer = partial.ClientTrainer(model, part, schedule, schedule)
     execution = ex.as_execution(execution)
 
-    def init(key, train):
+    def init(key, train, params=None):
         algorithm.check_data(model, train, clients_per_round)
-        v, u = part.split(model.init(key))
+        v, u = part.split(algorithm.initial_params(model, key, params))
         m = train.num_clients
         hp = algorithm.hparams(client_lr=client_lr, rho=rho, sigma=sigma,
                                weight_decay=weight_decay)
-        return FedAPMState(jnp.zeros((), jnp.int32), u, partial.stack(v, m), partial.stack(u, m),
-                           partial.stack(jax.tree.map(jnp.zeros_like, u), m), hp)
+        stack = round_lib.replicate
+        return FedAPMState(jnp.zeros((), jnp.int32), u, stack(v, m), stack(u, m),
+                           stack(jax.tree.map(jnp.zeros_like, u), m), hp)
 
     def client_update(broadcast, x):
         u, hp, alpha = broadcast
@@ -162,40 +173,37 @@ def fedapm(
 
         u_i, loss = trainer.shared(v, u, data, key, lr, shared_penalty, alpha)
         dual = jax.tree.map(lambda p, a, b: p + rho_ * (a - b), dual, u_i, u)
-        return (v, u_i, dual, loss, partial.drift_norm(u_i, u)), ()
+        return (v, u_i, dual, loss, partial.drift_norm(u_i, u), optax.tree.norm(dual)), ()
 
-    def round_fn(state, train, key):
-        algorithm.check_train(train, clients_per_round)
-        num_clients = jax.tree.leaves(state.client_personal)[0].shape[0]
-        algorithm.check_same_clients(num_clients, train, "train")
+    def round_fn(state, train, key, cohort=None):
+        cohort, data, keys, n = round_lib.start(
+            key, train, clients_per_round, cohort,
+            state_clients=round_lib.num_clients_of(state.client_personal))
         has_data = (train.num_examples > 0).astype(jnp.float32)
         m_eff = jnp.maximum(jnp.sum(has_data), 1.0)
         alpha = 1.0 / m_eff if client_weight == "uniform" else jnp.float32(1.0)
-        sample_key, client_key = sampling.round_keys(key)
-        ids = sampling.sample_cohort(sample_key, train.num_clients, clients_per_round)
-        cohort = train.take(ids)
-        keys = sampling.client_keys(client_key, ids)
-        rows = (sampling.take(state.client_personal, ids), sampling.take(state.client_dual, ids),
-                cohort, keys)
-        (v, u_i, dual, losses, drift), _ = ex.map_reduce(
+        rows = (cohort.take(state.client_personal), cohort.take(state.client_dual), data, keys)
+        (v, u_i, dual, losses, drift, dual_norm), _ = ex.map_reduce(
             client_update, (state.shared, state.hparams, alpha), rows, execution)
-        client_shared = sampling.put(state.client_shared, ids, u_i)
-        client_dual = sampling.put(state.client_dual, ids, dual)
+        client_shared = cohort.put(state.client_shared, u_i)
+        client_dual = cohort.put(state.client_dual, dual)
+        has = (n > 0).astype(jnp.float32)
         if server_average == "all":
             z, weights = (client_shared, client_dual), has_data
         else:
-            z, weights = (u_i, dual), (cohort.num_examples > 0).astype(jnp.float32)
+            z, weights = (u_i, dual), has
         total = jnp.sum(weights)
         z = jax.tree.map(jnp.add, z[0], dual_over_rho(z[1], state.hparams["rho"]))
         mean = jax.tree.map(lambda a: jnp.tensordot(weights, a, axes=1) / jnp.maximum(total, 1.0),
                             z)
         shared = jax.tree.map(lambda new, old: jnp.where(total > 0, new, old), mean, state.shared)
-        n = cohort.num_examples.astype(jnp.float32)
-        has = (n > 0).astype(jnp.float32)
-        metrics = {"train_loss": jnp.sum(n * losses) / jnp.maximum(jnp.sum(n), 1.0),
-                   "drift": jnp.sum(has * drift) / jnp.maximum(jnp.sum(has), 1.0)}
+        metrics = {"train_loss": round_lib.mean_loss(losses, n),
+                   "drift": round_lib.mean_loss(drift, has)}
+        if diagnostics:
+            metrics["diagnostics"] = {"clients": cohort.ids, "drift": drift,
+                                      "dual_norm": dual_norm}
         return state.replace(round=state.round + 1, shared=shared,
-                             client_personal=sampling.put(state.client_personal, ids, v),
+                             client_personal=cohort.put(state.client_personal, v),
                              client_shared=client_shared, client_dual=client_dual), metrics
 
     def evaluate(state, train, test):

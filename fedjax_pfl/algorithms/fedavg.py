@@ -20,8 +20,9 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from fedjax_pfl.core import aggregation, algorithm, local, sampling
+from fedjax_pfl.core import aggregation, algorithm, local
 from fedjax_pfl.core import execution as ex
+from fedjax_pfl.core import round as round_lib
 from fedjax_pfl.core.algorithm import FederatedAlgorithm
 from fedjax_pfl.models.model import Model
 
@@ -86,9 +87,9 @@ def fedavg(
     loss_fn = local.model_loss_fn(model)
     extra = {} if mu is None else {"mu": mu}
 
-    def init(key, train):
+    def init(key, train, params=None):
         algorithm.check_data(model, train, clients_per_round)
-        params = model.init(key)
+        params = algorithm.initial_params(model, key, params)
         hp = algorithm.hparams(client_lr=client_lr, server_lr=server_lr, **extra)
         opt_state = local.make_optimizer(server_optimizer, hp["server_lr"]).init(params)
         return FedAvgState(jnp.zeros((), jnp.int32), params, opt_state, hp)
@@ -103,20 +104,15 @@ def fedavg(
         result = schedule.train(loss_fn, params, data, key, hp["client_lr"], penalty)
         return result.mean_loss(), aggregation.weighted_delta(result.params, params, weight)
 
-    def round_fn(state, train, key):
-        algorithm.check_train(train, clients_per_round)
-        sample_key, client_key = sampling.round_keys(key)
-        cohort = sampling.cohort(sample_key, train.num_clients, clients_per_round)
-        data = cohort.take(train)
-        n = data.num_examples.astype(jnp.float32)
+    def round_fn(state, train, key, cohort=None):
+        _, data, keys, n = round_lib.start(key, train, clients_per_round, cohort)
         weights = n if weighting == "num_examples" else (n > 0).astype(jnp.float32)
-        keys = sampling.client_keys(client_key, cohort.ids)
         losses, (delta_sum, weight_sum) = ex.map_reduce(
             client_update, (state.params, state.hparams), (data, keys, weights), execution)
         server_opt = local.make_optimizer(server_optimizer, state.hparams["server_lr"])
         params, opt_state = aggregation.server_update(
             server_opt, state.params, state.opt_state, aggregation.safe_div(delta_sum, weight_sum))
-        metrics = {"train_loss": jnp.sum(n * losses) / jnp.maximum(jnp.sum(n), 1.0)}
+        metrics = {"train_loss": round_lib.mean_loss(losses, n)}
         return state.replace(round=state.round + 1, params=params, opt_state=opt_state), metrics
 
     def evaluate(state, train, test):

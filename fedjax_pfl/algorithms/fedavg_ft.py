@@ -55,8 +55,8 @@ def fedavg_ft(
     execution = ex.as_execution(kwargs.get("execution", "vmap"))
     loss_fn = local.model_loss_fn(model)
 
-    def init(key, train):
-        state = base.init(key, train)
+    def init(key, train, params=None):
+        state = base.init(key, train, params)
         return state.replace(hparams={**state.hparams, **algorithm.hparams(ft_lr=ft_lr)})
 
     def evaluate(state, train, test):

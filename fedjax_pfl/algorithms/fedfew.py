@@ -37,7 +37,7 @@ loss, k_i* = argmin_k mean CE on its training data, and is tested with it.
     O(M K d) copies in the state, the state keeps the K models the last round
     started from and its key, and `evaluate` re-runs that round's local
     training: deterministic, O(K d) memory, K trainings per client per
-    evaluation. Before any round it equals `"server"`.
+    evaluation. Before any round it equals `"server"` (it reads `params`).
 The chosen model is returned per client as `model` [M].
 
 Memory: the weights need every client's losses before any update can be
@@ -50,10 +50,11 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from fedjax_pfl.algorithms.ifca import train_losses
 from fedjax_pfl.core import aggregation, algorithm, local, sampling
 from fedjax_pfl.core import execution as ex
+from fedjax_pfl.core import round as round_lib
 from fedjax_pfl.core.algorithm import FederatedAlgorithm
+from fedjax_pfl.core.kmodels import evaluate_best, train_losses
 from fedjax_pfl.models.model import Model
 
 LOSS_AT = ("last_epoch", "received")
@@ -72,6 +73,7 @@ class FedFewState:
       last_params: the K models the last round started from, leaves [K, ...]
         (for the `"local"` evaluation protocol).
       last_key: uint32 key data of the last round's key (same use).
+      last_cohort: [M] bool, the last round's cohort (same use).
       hparams: traced scalars: client_lr, server_lr, mu.
     """
 
@@ -80,6 +82,7 @@ class FedFewState:
     opt_state: object
     last_params: object
     last_key: jax.Array
+    last_cohort: jax.Array
     hparams: dict
 
 
@@ -133,6 +136,7 @@ def fedfew(
     per_model_orders: bool = True,
     eval_protocol: str = "server",
     execution: str | ex.Execution = "vmap",
+    diagnostics: bool = False,
 ) -> FederatedAlgorithm:
     """FedFew (FedFewS of the released code).
 
@@ -150,6 +154,9 @@ def fedfew(
       per_model_orders: each copy draws its own minibatch order.
       eval_protocol: "server" or "local".
       execution: client-axis strategy.
+      diagnostics: add each round's per-client quantities to the metrics
+        (`metrics["diagnostics"]`: "clients" [S], "losses" L_ik [S, K],
+        "w" w_ik [S, K], "alpha" alpha_i [S], "model" argmin_k L_ik [S]).
     """
     algorithm.check_arg("num_models", num_models, isinstance(num_models, int)
                         and not isinstance(num_models, bool) and num_models >= 1, "an int >= 1")
@@ -164,22 +171,21 @@ def fedfew(
     algorithm.check_arg("eval_protocol", eval_protocol, eval_protocol in PROTOCOLS,
                         f"one of {PROTOCOLS}")
     local.check_optimizer("server_optimizer", server_optimizer)
+    algorithm.check_arg("diagnostics", diagnostics, isinstance(diagnostics, bool), "a bool")
     schedule = local.LocalSchedule(batch_size, local_steps, local_epochs, client_optimizer)
     execution = ex.as_execution(execution)
     loss_fn = local.model_loss_fn(model)
-    stack = lambda p: jax.tree.map(lambda a: jnp.broadcast_to(a, (num_models,) + a.shape), p)
 
-    def init_fn(key, train):
+    def init_fn(key, train, params=None):
         algorithm.check_data(model, train, clients_per_round)
-        if init == "shared":
-            params = stack(model.init(key))
-        else:
-            params = jax.vmap(model.init)(jax.random.split(key, num_models))
+        params = algorithm.initial_params(model, key, params, num_models=num_models,
+                                          independent=init == "independent")
         hp = algorithm.hparams(client_lr=client_lr, server_lr=server_lr, mu=mu)
         opt_state = local.make_optimizer(server_optimizer, hp["server_lr"]).init(params)
         # last_params is its own copy: a donated state must not hold one buffer twice.
         return FedFewState(jnp.zeros((), jnp.int32), params, opt_state,
-                           jax.tree.map(jnp.copy, params), _key_data(key), hp)
+                           jax.tree.map(jnp.copy, params), _key_data(key),
+                           jnp.zeros((train.num_clients,), bool), hp)
 
     def train_all(params, data, key, lr):
         """Trains the K models on one client: ([K, ...] params, [K] losses)."""
@@ -200,48 +206,46 @@ def fedfew(
         deltas = jax.tree.map(jnp.subtract, trained, params)
         return (deltas, losses), ()
 
-    def round_fn(state, train, key):
-        algorithm.check_train(train, clients_per_round)
-        sample_key, client_key = sampling.round_keys(key)
-        ids = sampling.sample_cohort(sample_key, train.num_clients, clients_per_round)
-        cohort = train.take(ids)
-        keys = sampling.client_keys(client_key, ids)
+    def round_fn(state, train, key, cohort=None):
+        cohort, data, keys, n = round_lib.start(key, train, clients_per_round, cohort,
+                                                state_clients=state.last_cohort.shape[0])
         (deltas, losses), _ = ex.map_reduce(client_update, (state.params, state.hparams),
-                                            (cohort, keys), execution)
-        w, alpha = stch_weights(losses, cohort.num_examples, state.hparams["mu"])
+                                            (data, keys), execution)
+        w, alpha = stch_weights(losses, data.num_examples, state.hparams["mu"])
         coef = alpha[:, None] * w
         mean_delta = jax.tree.map(lambda d: jnp.einsum("sk,sk...->k...", coef, d), deltas)
         server_opt = local.make_optimizer(server_optimizer, state.hparams["server_lr"])
         params, opt_state = aggregation.server_update(server_opt, state.params, state.opt_state,
                                                       mean_delta)
-        n = cohort.num_examples.astype(jnp.float32)
-        best = jnp.min(losses, axis=1)
-        metrics = {"train_loss": jnp.sum(n * best) / jnp.maximum(jnp.sum(n), 1.0)}
+        metrics = {"train_loss": round_lib.mean_loss(jnp.min(losses, axis=1), n)}
+        if diagnostics:
+            metrics["diagnostics"] = {"clients": cohort.ids, "losses": losses, "w": w,
+                                      "alpha": alpha, "model": jnp.argmin(losses, axis=1)}
+        in_cohort = cohort.put(state.last_cohort, jnp.ones(cohort.ids.shape, bool))
         return state.replace(round=state.round + 1, params=params, opt_state=opt_state,
-                             last_params=state.params, last_key=_key_data(key)), metrics
+                             last_params=state.params, last_key=_key_data(key),
+                             last_cohort=in_cohort), metrics
 
     def evaluate_client(broadcast, x):
         params, last_params, hp, trained_round = broadcast
         train_row, test_row, key, in_cohort = x
         if eval_protocol == "local":
+            # The copies this client trained last round; the received models if it
+            # was not in that cohort; the current models before any round.
             trained, _ = train_all(last_params, train_row, key, hp["client_lr"])
-            use = trained_round & in_cohort
-            params = jax.tree.map(lambda t, p: jnp.where(use, t, p), trained, last_params)
-        choice = jnp.argmin(train_losses(model, params, train_row))
-        chosen = jax.tree.map(lambda a: a[choice], params)
-        return {**local.evaluate_client(model, chosen, test_row),
-                "model": choice.astype(jnp.float32)}
+            received = jax.tree.map(lambda a, b: jnp.where(trained_round, a, b), last_params,
+                                    params)
+            params = jax.tree.map(lambda t, p: jnp.where(trained_round & in_cohort, t, p),
+                                  trained, received)
+        return evaluate_best(model, params, train_row, test_row)
 
     def evaluate(state, train, test):
         algorithm.check_same_clients(train.num_clients, test, "test")
         m = train.num_clients
-        last_key = jax.random.wrap_key_data(state.last_key)
-        sample_key, client_key = sampling.round_keys(last_key)
-        ids = sampling.sample_cohort(sample_key, m, clients_per_round)
-        in_cohort = jnp.zeros((m,), bool).at[ids].set(True)
+        _, client_key = sampling.round_keys(jax.random.wrap_key_data(state.last_key))
         keys = sampling.client_keys(client_key, jnp.arange(m))
         broadcast = (state.params, state.last_params, state.hparams, state.round > 0)
-        return ex.map_clients(evaluate_client, broadcast, (train, test, keys, in_cohort),
+        return ex.map_clients(evaluate_client, broadcast, (train, test, keys, state.last_cohort),
                               execution)
 
     return FederatedAlgorithm(init_fn, round_fn, evaluate)

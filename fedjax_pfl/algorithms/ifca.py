@@ -28,9 +28,11 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from fedjax_pfl.core import aggregation, algorithm, local, sampling
+from fedjax_pfl.core import aggregation, algorithm, local
 from fedjax_pfl.core import execution as ex
+from fedjax_pfl.core import round as round_lib
 from fedjax_pfl.core.algorithm import FederatedAlgorithm
+from fedjax_pfl.core.kmodels import evaluate_best_of, train_losses
 from fedjax_pfl.models.model import Model
 
 INITS = ("independent", "shared")
@@ -53,26 +55,6 @@ class IFCAState:
     hparams: dict
 
 
-def train_losses(model: Model, params, data) -> jax.Array:
-    """[K] mean loss of each of the stacked models on ONE client's data (eval mode)."""
-    stats = jax.vmap(lambda p: local.evaluate_client(model, p, data))(params)
-    return stats["loss_sum"] / jnp.maximum(stats["num_examples"], 1.0)
-
-
-def evaluate_best_of(model: Model, params, train, test, execution: ex.Execution):
-    """Per-client [M] test statistics of the model with the lowest training loss,
-    plus the choice as `model` [M] (float32)."""
-
-    def client(stacked, x):
-        train_row, test_row = x
-        choice = jnp.argmin(train_losses(model, stacked, train_row))
-        chosen = jax.tree.map(lambda a: a[choice], stacked)
-        return {**local.evaluate_client(model, chosen, test_row),
-                "model": choice.astype(jnp.float32)}
-
-    return ex.map_clients(client, params, (train, test), execution)
-
-
 def ifca(
     model: Model,
     *,
@@ -87,6 +69,7 @@ def ifca(
     server_lr: float = 1.0,
     init: str = "independent",
     execution: str | ex.Execution = "vmap",
+    diagnostics: bool = False,
 ) -> FederatedAlgorithm:
     """IFCA with model averaging.
 
@@ -99,6 +82,8 @@ def ifca(
       server_optimizer, server_lr: server optimizer on each model's pseudo-gradient.
       init: "independent" (paper) or "shared" initialisation of the K models.
       execution: client-axis strategy.
+      diagnostics: add each round's client -> model assignment to the metrics
+        (`metrics["diagnostics"]`: "clients" [S], "model" [S]).
     """
     algorithm.check_arg("num_models", num_models, isinstance(num_models, int)
                         and not isinstance(num_models, bool) and num_models >= 1, "an int >= 1")
@@ -107,17 +92,15 @@ def ifca(
     algorithm.check_number("server_lr", server_lr)
     algorithm.check_arg("init", init, init in INITS, f"one of {INITS}")
     local.check_optimizer("server_optimizer", server_optimizer)
+    algorithm.check_arg("diagnostics", diagnostics, isinstance(diagnostics, bool), "a bool")
     schedule = local.LocalSchedule(batch_size, local_steps, local_epochs, client_optimizer)
     execution = ex.as_execution(execution)
     loss_fn = local.model_loss_fn(model)
 
-    def init_fn(key, train):
+    def init_fn(key, train, params=None):
         algorithm.check_data(model, train, clients_per_round)
-        if init == "shared":
-            params = jax.tree.map(lambda a: jnp.broadcast_to(a, (num_models,) + a.shape),
-                                  model.init(key))
-        else:
-            params = jax.vmap(model.init)(jax.random.split(key, num_models))
+        params = algorithm.initial_params(model, key, params, num_models=num_models,
+                                          independent=init == "independent")
         hp = algorithm.hparams(client_lr=client_lr, server_lr=server_lr)
         opt_state = local.make_optimizer(server_optimizer, hp["server_lr"]).init(params)
         return IFCAState(jnp.zeros((), jnp.int32), params, opt_state, hp)
@@ -132,24 +115,21 @@ def ifca(
         one_hot = jax.nn.one_hot(choice, num_models, dtype=jnp.float32) * n
         delta = jax.tree.map(lambda c, s: jnp.einsum("k,...->k...", one_hot, c - s),
                              result.params, start)
-        return result.mean_loss(), (delta, one_hot)
+        return (result.mean_loss(), choice), (delta, one_hot)
 
-    def round_fn(state, train, key):
-        algorithm.check_train(train, clients_per_round)
-        sample_key, client_key = sampling.round_keys(key)
-        ids = sampling.sample_cohort(sample_key, train.num_clients, clients_per_round)
-        cohort = train.take(ids)
-        keys = sampling.client_keys(client_key, ids)
-        losses, (delta_sum, weight_sum) = ex.map_reduce(
-            client_update, (state.params, state.hparams), (cohort, keys), execution)
+    def round_fn(state, train, key, cohort=None):
+        cohort, data, keys, n = round_lib.start(key, train, clients_per_round, cohort)
+        (losses, choices), (delta_sum, weight_sum) = ex.map_reduce(
+            client_update, (state.params, state.hparams), (data, keys), execution)
         mean_delta = jax.tree.map(
             lambda d: aggregation.safe_div(d, weight_sum.reshape((-1,) + (1,) * (d.ndim - 1))),
             delta_sum)
         server_opt = local.make_optimizer(server_optimizer, state.hparams["server_lr"])
         params, opt_state = aggregation.server_update(server_opt, state.params, state.opt_state,
                                                       mean_delta)
-        n = cohort.num_examples.astype(jnp.float32)
-        metrics = {"train_loss": jnp.sum(n * losses) / jnp.maximum(jnp.sum(n), 1.0)}
+        metrics = {"train_loss": round_lib.mean_loss(losses, n)}
+        if diagnostics:
+            metrics["diagnostics"] = {"clients": cohort.ids, "model": choices}
         return state.replace(round=state.round + 1, params=params, opt_state=opt_state), metrics
 
     def evaluate(state, train, test):

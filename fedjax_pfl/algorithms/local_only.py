@@ -12,8 +12,9 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from fedjax_pfl.core import algorithm, local, sampling
+from fedjax_pfl.core import algorithm, local
 from fedjax_pfl.core import execution as ex
+from fedjax_pfl.core import round as round_lib
 from fedjax_pfl.core.algorithm import FederatedAlgorithm
 from fedjax_pfl.models.model import Model
 
@@ -49,11 +50,10 @@ def local_only(
     execution = ex.as_execution(execution)
     loss_fn = local.model_loss_fn(model)
 
-    def init(key, train):
+    def init(key, train, params=None):
         algorithm.check_data(model, train, clients_per_round)
-        params = model.init(key)
-        stacked = jax.tree.map(lambda a: jnp.broadcast_to(a, (train.num_clients, *a.shape)),
-                               params)
+        stacked = round_lib.replicate(algorithm.initial_params(model, key, params),
+                                      train.num_clients)
         return LocalState(jnp.zeros((), jnp.int32), stacked, algorithm.hparams(client_lr=client_lr))
 
     def client_update(hp, x):
@@ -61,18 +61,13 @@ def local_only(
         result = schedule.train(loss_fn, params, data, key, hp["client_lr"])
         return (result.params, result.mean_loss()), ()
 
-    def round_fn(state, train, key):
-        algorithm.check_train(train, clients_per_round)
-        algorithm.check_same_clients(jax.tree.leaves(state.client_params)[0].shape[0], train,
-                                     "train")
-        sample_key, client_key = sampling.round_keys(key)
-        cohort = sampling.cohort(sample_key, train.num_clients, clients_per_round)
-        data = cohort.take(train)
-        keys = sampling.client_keys(client_key, cohort.ids)
+    def round_fn(state, train, key, cohort=None):
+        cohort, data, keys, n = round_lib.start(
+            key, train, clients_per_round, cohort,
+            state_clients=round_lib.num_clients_of(state.client_params))
         (params, losses), _ = ex.map_reduce(
             client_update, state.hparams, (cohort.take(state.client_params), data, keys), execution)
-        n = data.num_examples.astype(jnp.float32)
-        metrics = {"train_loss": jnp.sum(n * losses) / jnp.maximum(jnp.sum(n), 1.0)}
+        metrics = {"train_loss": round_lib.mean_loss(losses, n)}
         client_params = cohort.put(state.client_params, params)
         return state.replace(round=state.round + 1, client_params=client_params), metrics
 

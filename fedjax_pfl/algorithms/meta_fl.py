@@ -43,8 +43,9 @@ import optax
 from flax import struct
 
 from fedjax_pfl.core import aggregation as agg
-from fedjax_pfl.core import algorithm, finetune, local, sampling
+from fedjax_pfl.core import algorithm, finetune, local
 from fedjax_pfl.core import execution as ex
+from fedjax_pfl.core import round as round_lib
 from fedjax_pfl.core.algorithm import FederatedAlgorithm
 from fedjax_pfl.core.metagrad import MODES, meta_gradient
 from fedjax_pfl.models.model import Model
@@ -168,10 +169,11 @@ def meta_fl(
     loss_fn = local.model_loss_fn(model)
     objective = lambda p, b: jnp.sum(b["w"] * loss_fn(p, b["examples"], None))
 
-    def init(key, train):
+    def init(key, train, params=None):
         algorithm.check_data(model, train, clients_per_round)
         hp = algorithm.hparams(client_lr=client_lr, inner_lr=inner_lr, delta=delta)
-        return MetaFLState(jnp.zeros((), jnp.int32), model.init(key), hp)
+        return MetaFLState(jnp.zeros((), jnp.int32),
+                           algorithm.initial_params(model, key, params), hp)
 
     def client_update(broadcast, x):
         params, hp = broadcast
@@ -202,18 +204,13 @@ def meta_fl(
         loss = jnp.sum(losses * counts) / jnp.maximum(jnp.sum(counts), 1.0)
         return loss, agg.weighted_delta(tuned, params, weight)
 
-    def round_fn(state, train, key):
-        algorithm.check_train(train, clients_per_round)
-        sample_key, client_key = sampling.round_keys(key)
-        ids = sampling.sample_cohort(sample_key, train.num_clients, clients_per_round)
-        cohort = train.take(ids)
-        n = cohort.num_examples.astype(jnp.float32)
+    def round_fn(state, train, key, cohort=None):
+        _, data, keys, n = round_lib.start(key, train, clients_per_round, cohort)
         weights = n if aggregation == "weighted" else (n > 0).astype(jnp.float32)
-        keys = sampling.client_keys(client_key, ids)
         losses, (delta_sum, weight_sum) = ex.map_reduce(
-            client_update, (state.params, state.hparams), (cohort, keys, weights), execution)
+            client_update, (state.params, state.hparams), (data, keys, weights), execution)
         params = jax.tree.map(jnp.add, state.params, agg.safe_div(delta_sum, weight_sum))
-        metrics = {"train_loss": jnp.sum(n * losses) / jnp.maximum(jnp.sum(n), 1.0)}
+        metrics = {"train_loss": round_lib.mean_loss(losses, n)}
         return state.replace(round=state.round + 1, params=params), metrics
 
     def evaluate(state, train, test):

@@ -28,9 +28,10 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from fedjax_pfl.core import aggregation, algorithm, local, sampling
+from fedjax_pfl.core import aggregation, algorithm, local
 from fedjax_pfl.core import execution as ex
 from fedjax_pfl.core import params as params_lib
+from fedjax_pfl.core import round as round_lib
 from fedjax_pfl.core.algorithm import FederatedAlgorithm
 from fedjax_pfl.models.model import Model
 
@@ -128,11 +129,6 @@ class ClientTrainer:
         return ex.map_clients(one, u, (client_personal, test), execution)
 
 
-def stack(tree, num_clients: int):
-    """Every leaf broadcast to [M, ...]."""
-    return jax.tree.map(lambda a: jnp.broadcast_to(a, (num_clients,) + a.shape), tree)
-
-
 def partial_pfl(
     model: Model,
     *,
@@ -164,10 +160,10 @@ def partial_pfl(
                             personal_schedule(schedule, personal_steps, personal_epochs))
     execution = ex.as_execution(execution)
 
-    def init(key, train):
+    def init(key, train, params=None):
         algorithm.check_data(model, train, clients_per_round)
-        v, u = part.split(model.init(key))
-        return PartialState(jnp.zeros((), jnp.int32), u, stack(v, train.num_clients),
+        v, u = part.split(algorithm.initial_params(model, key, params))
+        return PartialState(jnp.zeros((), jnp.int32), u, round_lib.replicate(v, train.num_clients),
                             algorithm.hparams(client_lr=client_lr))
 
     def client_update(broadcast, x):
@@ -180,26 +176,21 @@ def partial_pfl(
             v, u_i, loss = trainer.joint(v, u, data, key, hp["client_lr"])
         return (v, loss, drift_norm(u_i, u)), aggregation.weighted_delta(u_i, u, weight)
 
-    def round_fn(state, train, key):
-        algorithm.check_train(train, clients_per_round)
-        num_clients = jax.tree.leaves(state.client_personal)[0].shape[0]
-        algorithm.check_same_clients(num_clients, train, "train")
-        sample_key, client_key = sampling.round_keys(key)
-        ids = sampling.sample_cohort(sample_key, train.num_clients, clients_per_round)
-        cohort = train.take(ids)
-        n = cohort.num_examples.astype(jnp.float32)
+    def round_fn(state, train, key, cohort=None):
+        cohort, data, keys, n = round_lib.start(
+            key, train, clients_per_round, cohort,
+            state_clients=round_lib.num_clients_of(state.client_personal))
         weights = n if weighting == "num_examples" else (n > 0).astype(jnp.float32)
-        keys = sampling.client_keys(client_key, ids)
         (v, losses, drift), (delta_sum, weight_sum) = ex.map_reduce(
             client_update, (state.shared, state.hparams),
-            (sampling.take(state.client_personal, ids), cohort, keys, weights), execution)
+            (cohort.take(state.client_personal), data, keys, weights), execution)
         mean_delta = aggregation.safe_div(delta_sum, weight_sum)
         shared = jax.tree.map(jnp.add, state.shared, mean_delta)
         has = (n > 0).astype(jnp.float32)
-        metrics = {"train_loss": jnp.sum(n * losses) / jnp.maximum(jnp.sum(n), 1.0),
-                   "drift": jnp.sum(has * drift) / jnp.maximum(jnp.sum(has), 1.0)}
+        metrics = {"train_loss": round_lib.mean_loss(losses, n),
+                   "drift": round_lib.mean_loss(drift, has)}
         return state.replace(round=state.round + 1, shared=shared,
-                             client_personal=sampling.put(state.client_personal, ids, v)), metrics
+                             client_personal=cohort.put(state.client_personal, v)), metrics
 
     def evaluate(state, train, test):
         del train

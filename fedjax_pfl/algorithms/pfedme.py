@@ -32,8 +32,9 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from fedjax_pfl.core import aggregation, algorithm, local, sampling
+from fedjax_pfl.core import aggregation, algorithm, local
 from fedjax_pfl.core import execution as ex
+from fedjax_pfl.core import round as round_lib
 from fedjax_pfl.core.algorithm import FederatedAlgorithm
 from fedjax_pfl.models.model import Model
 
@@ -96,11 +97,10 @@ def pfedme(
     execution = ex.as_execution(execution)
     loss_fn = local.model_loss_fn(model)
 
-    def init(key, train):
+    def init(key, train, params=None):
         algorithm.check_data(model, train, clients_per_round)
-        params = model.init(key)
-        m = train.num_clients
-        stacked = jax.tree.map(lambda a: jnp.broadcast_to(a, (m,) + a.shape), params)
+        params = algorithm.initial_params(model, key, params)
+        stacked = round_lib.replicate(params, train.num_clients)
         hp = algorithm.hparams(client_lr=client_lr, personal_lr=personal_lr, lam=lam, beta=beta)
         return PFedMeState(jnp.zeros((), jnp.int32), params, stacked, hp)
 
@@ -136,25 +136,20 @@ def pfedme(
         loss = jnp.sum(losses * counts) / jnp.maximum(jnp.sum(counts), 1.0)
         return (theta, loss), aggregation.weighted_delta(w_local, params, weight)
 
-    def round_fn(state, train, key):
-        algorithm.check_train(train, clients_per_round)
-        algorithm.check_same_clients(jax.tree.leaves(state.client_params)[0].shape[0], train,
-                                     "train")
-        sample_key, client_key = sampling.round_keys(key)
-        ids = sampling.sample_cohort(sample_key, train.num_clients, clients_per_round)
-        cohort = train.take(ids)
-        n = cohort.num_examples.astype(jnp.float32)
+    def round_fn(state, train, key, cohort=None):
+        cohort, data, keys, n = round_lib.start(
+            key, train, clients_per_round, cohort,
+            state_clients=round_lib.num_clients_of(state.client_params))
         weights = n if weighting == "num_examples" else (n > 0).astype(jnp.float32)
-        keys = sampling.client_keys(client_key, ids)
         (theta, losses), (delta_sum, weight_sum) = ex.map_reduce(
             client_update, (state.params, state.hparams),
-            (sampling.take(state.client_params, ids), cohort, keys, weights), execution)
+            (cohort.take(state.client_params), data, keys, weights), execution)
         mean_delta = aggregation.safe_div(delta_sum, weight_sum)
         beta_ = state.hparams["beta"]
         params = jax.tree.map(lambda w, d: w + beta_ * d, state.params, mean_delta)
-        metrics = {"train_loss": jnp.sum(n * losses) / jnp.maximum(jnp.sum(n), 1.0)}
+        metrics = {"train_loss": round_lib.mean_loss(losses, n)}
         return state.replace(round=state.round + 1, params=params,
-                             client_params=sampling.put(state.client_params, ids, theta)), metrics
+                             client_params=cohort.put(state.client_params, theta)), metrics
 
     def evaluate(state, train, test):
         del train

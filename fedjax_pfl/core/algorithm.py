@@ -16,6 +16,7 @@ from typing import Any, NamedTuple, Protocol
 import jax
 
 from fedjax_pfl import validation
+from fedjax_pfl.core.params import path_name
 from fedjax_pfl.data.client_data import ClientData
 
 State = Any
@@ -23,15 +24,25 @@ Metrics = dict[str, jax.Array]
 
 
 class InitFn(Protocol):
-    def __call__(self, key: jax.Array, train: ClientData) -> State:
-        """Server state plus every per-client state leaf [M, ...] and `hparams`."""
+    def __call__(self, key: jax.Array, train: ClientData, params=None) -> State:
+        """Server state plus every per-client state leaf [M, ...] and `hparams`.
+
+        `params`: start from these model parameters instead of `model.init(key)`
+        (checked against the model, see `initial_params`); every model copy of
+        the state (server, per-client, K models) starts from them.
+        """
 
 
 class RoundFn(Protocol):
-    def __call__(self, state: State, train: ClientData, key: jax.Array) -> tuple[State, Metrics]:
+    def __call__(self, state: State, train: ClientData, key: jax.Array,
+                 cohort: jax.Array | None = None) -> tuple[State, Metrics]:
         """One communication round. Jittable, compiles once, preserves the state's
         structure, shapes and dtypes (so it runs inside `lax.scan`); `key` is the
-        round's key. Rows of clients outside the cohort are left bit-identical."""
+        round's key. `cohort`: the round's client ids [S] instead of sampling
+        them (see `core.round.start`). Rows of clients outside the cohort are
+        left bit-identical. Metrics are per-round arrays; an algorithm made with
+        `diagnostics=True` adds a dict `metrics["diagnostics"]` of per-client
+        arrays [S, ...] (with the cohort's ids as "clients")."""
 
 
 class EvaluateFn(Protocol):
@@ -110,3 +121,50 @@ def hparams(**values) -> dict[str, jax.Array]:
     return {k: jax.numpy.asarray(v, jax.numpy.float32) for k, v in values.items()}
 
 
+
+
+def initial_params(model, key: jax.Array, params=None, *, num_models: int | None = None,
+                   independent: bool = False):
+    """The initial model(s): `model.init(key)`, or the given `params` checked against it.
+
+    Args:
+      model: the model (its `init` gives the expected structure, shapes and dtypes).
+      key: the init key (unused for given params).
+      params: None, or initial parameters with the model's structure (cast to
+        its dtypes). With `num_models`, also a stack of K models (leaves [K, ...]).
+      num_models: K for algorithms with K models: the result has leaves [K, ...].
+      independent: K independent inits (else K copies of one), when not given.
+
+    Raises:
+      ValueError: naming the first leaf that is missing, unexpected, of
+        another shape or not finite.
+    """
+    jnp = jax.numpy
+    stack = lambda tree: jax.tree.map(lambda a: jnp.broadcast_to(a, (num_models,) + a.shape),
+                                      tree)
+    if params is None:
+        if num_models is None:
+            return model.init(key)
+        if independent:
+            return jax.vmap(model.init)(jax.random.split(key, num_models))
+        return stack(model.init(key))
+    paths, treedef = jax.tree_util.tree_flatten_with_path(jax.eval_shape(model.init, key))
+    want = {path_name(p): t for p, t in paths}
+    got = {path_name(p): a for p, a in jax.tree_util.tree_flatten_with_path(params)[0]}
+    for name in sorted(set(want) ^ set(got)):
+        raise ValueError(f"params: {'missing' if name in want else 'unexpected'} leaf {name!r}; "
+                         f"the model's leaves are {sorted(want)}.")
+    is_stack = num_models is not None and all(
+        jnp.shape(got[k]) == (num_models,) + t.shape for k, t in want.items())
+    leaves = []
+    for name, t in want.items():
+        value = jnp.asarray(got[name])
+        if value.shape != t.shape and not is_stack:
+            k = f" or {(num_models,) + t.shape} (K models)" if num_models is not None else ""
+            raise ValueError(f"params: leaf {name!r} has shape {value.shape}, the model expects "
+                             f"{t.shape}{k}.")
+        if not (jnp.issubdtype(value.dtype, jnp.number) and bool(jnp.all(jnp.isfinite(value)))):
+            raise ValueError(f"params: leaf {name!r} must hold finite numbers.")
+        leaves.append(jnp.array(value, t.dtype))  # a copy: the state is donated
+    params = jax.tree_util.tree_unflatten(treedef, leaves)
+    return params if num_models is None or is_stack else stack(params)

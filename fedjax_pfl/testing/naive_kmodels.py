@@ -93,7 +93,8 @@ def _naive_fedfew(model, state, train, key, cfg):
         mean.append(jax.tree.map(lambda *t: np.sum(t, axis=0), *terms))
     params, opt_state = _server_step(cfg, hp, state, _stack(mean))
     new = state.replace(round=state.round + 1, params=params, opt_state=opt_state,
-                        last_params=state.params, last_key=jax.random.key_data(key))
+                        last_params=state.params, last_key=jax.random.key_data(key),
+                        last_cohort=np.isin(np.arange(train.num_clients), ids))
     return new, {"train_loss": float((n * losses.min(1)).sum() / max(n.sum(), 1.0))}
 
 
