@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: demo test test-slow bench clean
+.PHONY: demo test test-slow bench docs clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,10 @@ $(VENV)/.data: pyproject.toml | $(VENV)/bin/python
 $(VENV)/.test: pyproject.toml | $(VENV)/bin/python
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $@ $(VENV)/.data
+
+$(VENV)/.docs: pyproject.toml | $(VENV)/bin/python
+	$(PY) -m pip install --quiet -e ".[docs]"
+	touch $@
 
 demo: $(VENV)/.data
 	$(VENV)/bin/fedjax-pfl demo
@@ -31,5 +35,9 @@ bench: $(VENV)/.test
 	$(PY) -m pip install --quiet -e ".[bench]"
 	$(PY) benchmarks/round_speed.py --repeats 3
 
+# The API reference (pdoc, from the docstrings) in docs/api/; any pdoc warning fails it.
+docs: $(VENV)/.docs
+	JAX_PLATFORMS=cpu $(PY) docs/build_api.py docs/api
+
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache
+	rm -rf $(VENV) *.egg-info .pytest_cache docs/api

@@ -8,8 +8,6 @@ dict as traced scalars, so `jax.vmap` over a grid of them runs a sweep in one
 compile.
 """
 
-from __future__ import annotations
-
 import math
 from typing import Any, NamedTuple, Protocol
 

@@ -6,8 +6,6 @@ The triple hides the neural-network library: the engine only calls
 `jax.vmap(model.init)(keys)` stacks K or M independent models.
 """
 
-from __future__ import annotations
-
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
