@@ -10,16 +10,17 @@ $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
-$(VENV)/.data: pyproject.toml | $(VENV)/bin/python
-	$(PY) -m pip install --quiet -e ".[data]"
+# The demo needs the data extra (digits) and the plot extra (its figure).
+$(VENV)/.demo: pyproject.toml | $(VENV)/bin/python
+	$(PY) -m pip install --quiet -e ".[data,plot]"
 	touch $@
 
 $(VENV)/.test: pyproject.toml | $(VENV)/bin/python
 	$(PY) -m pip install --quiet -e ".[test]"
-	touch $@ $(VENV)/.data
+	touch $@ $(VENV)/.demo
 
-demo: $(VENV)/.data
-	$(VENV)/bin/fedjax-pfl demo
+demo: $(VENV)/.demo
+	$(VENV)/bin/fedjax-pfl demo --out demo_results
 
 test: $(VENV)/.test
 	$(PY) -m pytest -q -n 2 -m "not slow" --durations=15
@@ -32,4 +33,4 @@ bench: $(VENV)/.test
 	$(PY) benchmarks/round_speed.py --repeats 3
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache
+	rm -rf $(VENV) *.egg-info .pytest_cache demo_results
