@@ -10,20 +10,21 @@ $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
-$(VENV)/.data: pyproject.toml | $(VENV)/bin/python
-	$(PY) -m pip install --quiet -e ".[data]"
+# The demo needs the data extra (digits) and the plot extra (its figure).
+$(VENV)/.demo: pyproject.toml | $(VENV)/bin/python
+	$(PY) -m pip install --quiet -e ".[data,plot]"
 	touch $@
 
 $(VENV)/.test: pyproject.toml | $(VENV)/bin/python
 	$(PY) -m pip install --quiet -e ".[test]"
-	touch $@ $(VENV)/.data
+	touch $@ $(VENV)/.demo
 
 $(VENV)/.docs: pyproject.toml | $(VENV)/bin/python
 	$(PY) -m pip install --quiet -e ".[docs]"
 	touch $@
 
-demo: $(VENV)/.data
-	$(VENV)/bin/fedjax-pfl demo
+demo: $(VENV)/.demo
+	$(VENV)/bin/fedjax-pfl demo --out demo_results
 
 test: $(VENV)/.test
 	$(PY) -m pytest -q -n 2 -m "not slow" --durations=15
@@ -40,4 +41,4 @@ docs: $(VENV)/.docs
 	JAX_PLATFORMS=cpu $(PY) docs/build_api.py docs/api
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache docs/api
+	rm -rf $(VENV) *.egg-info .pytest_cache docs/api demo_results

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import fedjax_pfl as fp
-from fedjax_pfl import cli
+from fedjax_pfl import cli, demo
 
 # A run that compiles and finishes in a few seconds.
 TINY = ["--clients", "5", "--model", "logreg", "--rounds", "2", "--eval-every", "1", "--quiet"]
@@ -174,15 +174,30 @@ def test_diverged_run_writes_partial_results_and_exits_1(tmp_path, capsys):
     assert (out / "rounds.jsonl").exists() and (out / "evals.jsonl").exists()
 
 
-def test_demo_with_few_rounds(tmp_path, capsys):
-    assert cli.main(["demo", "--rounds", "1", "--out", str(tmp_path)]) == 0
+def test_demo_writes_table_figure_and_runs(tmp_path, capsys):
+    # Zero rounds: every method is built, initialised and evaluated once (the rounds'
+    # compiles, ~4 s a method, are left to test_demo.py's slow test).
+    assert cli.main(["demo", "--rounds", "0", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    table = out[out.index("algorithm"):].splitlines()
-    assert table[0].split()[:8] == ["algorithm", "weighted", "mean", "std", "min", "p10",
-                                    "p90", "jain"]
-    assert [row.split()[0] for row in table[1:]] == list(cli.DEMO_ALGORITHMS)
-    for name in cli.DEMO_ALGORITHMS:
-        assert (tmp_path / name / "summary.json").exists()
+    table = out[out.index("scenario  "):].split("\n\n")[0].splitlines()
+    assert table[0].split() == list(demo.COLUMNS)
+    assert len(table) == 1 + 9
+    assert [row.split()[0] for row in table[1:]] == ["latent"] * 3 + ["fast"] * 3 + [
+        "multimodal"] * 3
+    for method in ("FedFew (K=3)", "IFCA (K=3)", "meta-FL (nu=2)", "Per-FedAvg", "FedAvg-FT",
+                   "FedAPM", "FedAlt", "FedAvg"):
+        assert method in out
+    with open(tmp_path / "summary.csv") as f:
+        assert len(list(csv.DictReader(f))) == 9
+    assert (tmp_path / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "multimodal" / "fedapm" / "summary.json").exists()
+    assert len(list(tmp_path.glob("*/*/summary.json"))) == 9
+
+
+def test_demo_rejects_bad_rounds(tmp_path, capsys):
+    rc = cli.main(["demo", "--rounds", "-1", "--out", str(tmp_path / "out")])
+    assert "rounds" in _assert_one_line_error(capsys, rc)
+    assert not (tmp_path / "out").exists()
 
 
 def _script() -> str:
