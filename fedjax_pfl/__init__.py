@@ -18,9 +18,10 @@ from fedjax_pfl.algorithms import ALGORITHMS
 from fedjax_pfl.core.algorithm import FederatedAlgorithm
 from fedjax_pfl.core.execution import Execution, client_mesh, shard_clients
 from fedjax_pfl.data.client_data import ClientData
+from fedjax_pfl.grid import simulate_grid
 from fedjax_pfl.models.model import Model
 from fedjax_pfl.results import Result
-from fedjax_pfl.simulate import TrainingDiverged, run_rounds, simulate, simulate_grid
+from fedjax_pfl.simulate import TrainingDiverged, run_rounds, simulate
 from fedjax_pfl.sweep import sweep
 
 __version__ = "0.1.0"

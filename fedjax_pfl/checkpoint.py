@@ -95,3 +95,44 @@ class Checkpoints:
 
 def _one_line(error: Exception) -> str:
     return " ".join(str(error).split())[:300]
+
+
+def save_params(path: str, params) -> None:
+    """Writes model parameters to an `.npz` file, one array per "/"-joined leaf path
+    (e.g. "params/head/kernel"), the format `load_params` and `--init-params` read."""
+    from fedjax_pfl.core.params import path_name
+
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    np.savez(path, **{path_name(p): np.asarray(a) for p, a in flat})
+
+
+def load_params(path: str) -> dict:
+    """Model parameters from a file: `.npz` ("/"-joined leaf paths as keys, see
+    `save_params`; e.g. written from PyTorch with renamed keys) or `.msgpack`
+    (`flax.serialization.msgpack_serialize` of the params dict).
+
+    Raises:
+      ValueError: one line naming the file and what is wrong with it.
+    """
+    path = os.fspath(path)
+    try:
+        if path.endswith(".msgpack"):
+            from flax import serialization
+
+            with open(path, "rb") as f:
+                return serialization.msgpack_restore(f.read())
+        if not path.endswith(".npz"):
+            raise ValueError("expected a .npz or .msgpack file")
+        tree: dict = {}
+        with np.load(path, allow_pickle=False) as blob:
+            for name in blob.files:
+                *parents, leaf = name.split("/")
+                node = tree
+                for part in parents:
+                    node = node.setdefault(part, {})
+                node[leaf] = blob[name]
+        return tree
+    except FileNotFoundError:
+        raise ValueError(f"init_params: no file {path!r}.") from None
+    except Exception as e:  # noqa: BLE001 - any parse error becomes one line naming the file
+        raise ValueError(f"init_params: cannot read {path!r} as parameters: {str(e).rstrip('.')}.") from None

@@ -49,6 +49,10 @@ RUN_OPTIONS = {
     "out": (str, None, "results directory (default: results/<algorithm>-<dataset>-<time>)"),
     "checkpoint_every": (int, None, "rounds between checkpoints in OUT/checkpoints (default: "
                                     "eval_every; 0: none)"),
+    "init_params": (str, None, "start from these parameters (.npz of '/'-joined leaf paths, "
+                               "see checkpoint.save_params, or flax .msgpack)"),
+    "cohorts": (str, None, "replay this cohort schedule instead of sampling (.npy, or .csv/.txt "
+                           "with one round's client ids per line)"),
 }
 MINIMUM = {"clients": 1, "rounds": 0, "eval_every": 1, "seed": 0, "data_seed": 0, "chunk_size": 1,
            "devices": 1, "checkpoint_every": 0}
@@ -329,9 +333,17 @@ def _execute(cfg: dict, algo_kwargs: dict, out: str | None, progress: bool, *,
     hooks = [callbacks.TensorBoard(os.path.join(out, "tensorboard"))] if tensorboard and out else []
     print(f"{cfg['algorithm']} on {cfg['dataset']} ({info['partition']}, {cfg['clients']} "
           f"clients, {cfg['model']}, {algo_kwargs}): {cfg['rounds']} rounds", flush=True)
+    init_params = cohorts = None
+    if cfg["init_params"]:
+        from fedjax_pfl.checkpoint import load_params
+
+        init_params = load_params(cfg["init_params"])
+    if cfg["cohorts"]:
+        cohorts = _load_cohorts(cfg["cohorts"])
     t0 = time.perf_counter()
     try:
-        result = simulate(algorithm, train, test, rounds=cfg["rounds"],
+        result = simulate(algorithm, train, test, rounds=cfg["rounds"], init_params=init_params,
+                          cohorts=cohorts,
                           eval_every=cfg["eval_every"], seed=cfg["seed"], progress=progress,
                           out=out, overwrite=overwrite, resume=resume,
                           config=_run_config(cfg, algo_kwargs, info, out),
@@ -341,6 +353,20 @@ def _execute(cfg: dict, algo_kwargs: dict, out: str | None, progress: bool, *,
             print(file=sys.stderr)
         raise
     return result, time.perf_counter() - t0
+
+
+def _load_cohorts(path: str):
+    """A cohort schedule [R, S] from .npy, or text (.csv/.txt: one round per line)."""
+    import numpy as np
+
+    try:
+        if path.endswith(".npy"):
+            return np.load(path, allow_pickle=False)
+        return np.loadtxt(path, delimiter="," if path.endswith(".csv") else None,
+                          dtype=np.int64, ndmin=2)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cohorts: cannot read {path!r} as an int [rounds, clients] "
+                         f"schedule: {e}.") from None
 
 
 def _cmd_run(args) -> int:

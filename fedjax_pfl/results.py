@@ -8,6 +8,9 @@ moment leaves valid files up to its last completed block:
 * `evals.jsonl`, one line per evaluation, and `clients.csv`, one row per
   client per evaluation (with a `round` column; `pandas.read_csv` reads it),
   appended after every evaluation;
+* `diagnostics.jsonl`, one line per round with the per-client diagnostics of
+  algorithms made with `diagnostics=True` (lists over the cohort, with its
+  client ids under "clients"; `pandas.read_json(..., lines=True)` reads it);
 * `summary.json` last, with `status` ("finished" or "diverged") and `final`.
 
 Lines are strict JSON: a NaN or infinite value is written as `null` and its
@@ -26,7 +29,8 @@ from typing import Any
 
 import numpy as np
 
-RESULT_FILES = ("config.json", "rounds.jsonl", "evals.jsonl", "clients.csv", "summary.json")
+ROUND_FILES = ("rounds.jsonl", "evals.jsonl", "diagnostics.jsonl")
+RESULT_FILES = ("config.json", *ROUND_FILES, "clients.csv", "summary.json")
 OWNED = (*RESULT_FILES, "checkpoints", "tensorboard")
 
 
@@ -42,6 +46,8 @@ class Result:
       state: the final algorithm state (the last finite one if the run diverged).
       seconds: wall time of training blocks and evaluations.
       diverged: the divergence message, or None.
+      diagnostics: one dict per round of an algorithm made with
+        `diagnostics=True`: {"round", "clients": [S] ids, name: [S, ...] lists}.
     """
 
     history: list[dict]
@@ -52,6 +58,7 @@ class Result:
     state: Any = None
     seconds: dict = dataclasses.field(default_factory=lambda: {"train": 0.0, "eval": 0.0})
     diverged: str | None = None
+    diagnostics: list[dict] = dataclasses.field(default_factory=list)
 
     def to_dataframe(self):
         """Per-round metrics joined with the evaluation summaries (pandas)."""
@@ -91,6 +98,7 @@ class Result:
         writer = ResultsWriter(directory)
         writer.start(config or {})
         writer.rounds(self.history)
+        writer.rounds(self.diagnostics, "diagnostics.jsonl")
         tables = dict(self.client_history)
         for summary in self.evals:
             writer.evaluation(summary, summary["round"], tables.get(summary["round"], {}))
@@ -188,10 +196,10 @@ class ResultsWriter:
             os.remove(self._path("summary.json"))
         if resume_round is None:
             self._replace("config.json", json.dumps(strict(config), indent=2, default=str))
-            for name in ("rounds.jsonl", "evals.jsonl", "clients.csv"):
+            for name in (*ROUND_FILES, "clients.csv"):
                 self._replace(name, "")
             return
-        for name in ("rounds.jsonl", "evals.jsonl"):
+        for name in ROUND_FILES:
             kept = [line + "\n" for line in self._lines(name)
                     if _round_of(line) is not None and _round_of(line) <= resume_round]
             self._replace(name, "".join(kept))
@@ -208,10 +216,10 @@ class ResultsWriter:
         with open(self._path(name)) as f:
             return f.read().splitlines()
 
-    def rounds(self, rows: list[dict]) -> None:
-        """Appends per-round rows to rounds.jsonl."""
+    def rounds(self, rows: list[dict], name: str = "rounds.jsonl") -> None:
+        """Appends per-round rows to rounds.jsonl (or `name`)."""
         if rows:
-            self._append("rounds.jsonl", "".join(json.dumps(strict(r)) + "\n" for r in rows))
+            self._append(name, "".join(json.dumps(strict(r)) + "\n" for r in rows))
 
     def evaluation(self, summary: dict, round_: int, table: dict[str, np.ndarray]) -> None:
         """Appends an evaluation to evals.jsonl and its per-client rows to clients.csv."""

@@ -6,10 +6,16 @@ between rounds; blocks end at every `eval_every`-th and `checkpoint_every`-th
 round (counted from round 0) and at the end. After an evaluation block the
 algorithm's own `evaluate` runs (also jitted) and the host summarises it.
 
-Keys: with `base = fold_in(key(seed), 1)`, round r uses `fold_in(base, r)` and
-`init` uses `fold_in(key(seed), 0)` (see `seed_keys`), so results do not depend
-on how rounds are cut into blocks, and a resumed run is bit-identical to an
-uninterrupted one.
+Keys: with `base = fold_in(key(seed), 1)`, the round that starts from
+`state.round == r` uses `fold_in(base, r)` and `init` uses
+`fold_in(key(seed), 0)` (see `seed_keys`), so results do not depend on how
+rounds are cut into blocks, and a resumed run is bit-identical to an
+uninterrupted one. A given cohort schedule (`cohorts`, [R, S] client ids)
+replaces the sampling: that round's cohort is `cohorts[r]`.
+
+Diagnostics: an algorithm made with `diagnostics=True` returns per-client
+arrays under `metrics["diagnostics"]`; they go to `Result.diagnostics` and
+`diagnostics.jsonl`, not to the per-round means.
 
 Health: inside the scan, a round whose mean train loss is NaN/Inf or above
 `max_loss_ratio` times the first round's, or whose new server state is not
@@ -41,7 +47,7 @@ from fedjax_pfl.core.algorithm import FederatedAlgorithm, check_same_clients
 from fedjax_pfl.data.client_data import ClientData
 from fedjax_pfl.results import Result, ResultsWriter, check_output
 
-__all__ = ["Result", "TrainingDiverged", "run_rounds", "seed_keys", "simulate", "simulate_grid"]
+__all__ = ["Result", "TrainingDiverged", "check_cohorts", "run_rounds", "seed_keys", "simulate"]
 
 
 class TrainingDiverged(FloatingPointError):
@@ -58,15 +64,49 @@ def seed_keys(seed: int) -> tuple[jax.Array, jax.Array]:
     return jax.random.fold_in(key, 0), jax.random.fold_in(key, 1)
 
 
-def run_rounds(round_fn, state, train: ClientData, seed_key: jax.Array, num_rounds: int):
-    """`num_rounds` rounds as one `lax.scan`; round r uses `fold_in(seed_key, r)`.
+def _one_round(round_fn, state, train, seed_key, cohorts):
+    """The round that starts from `state.round`: its key and, if given, its cohort."""
+    key = jax.random.fold_in(seed_key, state.round)
+    if cohorts is None:
+        return round_fn(state, train, key)
+    return round_fn(state, train, key, cohorts[state.round])
+
+
+def run_rounds(round_fn, state, train: ClientData, seed_key: jax.Array, num_rounds: int,
+               cohorts: jax.Array | None = None):
+    """`num_rounds` rounds as one `lax.scan`; round r uses `fold_in(seed_key, r)`
+    (and the cohort `cohorts[r]` when a schedule is given, see `check_cohorts`).
 
     Returns:
       (state, metrics with leaves [num_rounds, ...]).
     """
-    rounds = state.round + jnp.arange(num_rounds)
-    keys = jax.vmap(jax.random.fold_in, (None, 0))(seed_key, rounds)
-    return jax.lax.scan(lambda s, k: round_fn(s, train, k), state, keys)
+    step = lambda s, _: _one_round(round_fn, s, train, seed_key, cohorts)
+    return jax.lax.scan(step, state, None, length=num_rounds)
+
+
+def check_cohorts(cohorts, num_rounds: int, num_clients: int) -> np.ndarray | None:
+    """A cohort schedule: int [R, S], R >= `num_rounds`, each row S distinct ids in [0, M).
+
+    Row r is the cohort of the round that starts from `state.round == r`;
+    S must equal the algorithm's `clients_per_round` (M when None).
+    """
+    if cohorts is None:
+        return None
+    a = np.asarray(cohorts)
+    if a.ndim != 2 or not np.issubdtype(a.dtype, np.integer) or a.shape[1] < 1:
+        raise ValueError(f"cohorts: expected an int array [rounds, clients_per_round], got "
+                         f"shape {a.shape} of {a.dtype}.")
+    if a.shape[0] < num_rounds:
+        raise ValueError(f"cohorts: expected at least {num_rounds} rows (one per round), "
+                         f"got {a.shape[0]}.")
+    if a.size and (a.min() < 0 or a.max() >= num_clients):
+        r = int(np.argwhere((a < 0) | (a >= num_clients))[0][0])
+        raise ValueError(f"cohorts: row {r} has a client id outside [0, {num_clients}): "
+                         f"{a[r].tolist()}.")
+    for r, row in enumerate(np.sort(a, axis=1)):
+        if np.any(row[1:] == row[:-1]):
+            raise ValueError(f"cohorts: row {r} repeats a client id: {a[r].tolist()}.")
+    return a.astype(np.int32)
 
 
 def _server_finite(tree, num_clients: int) -> jax.Array:
@@ -78,7 +118,7 @@ def _server_finite(tree, num_clients: int) -> jax.Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
-def guarded_rounds(round_fn, carry, train, seed_key, ratio, num_rounds: int):
+def guarded_rounds(round_fn, carry, train, seed_key, ratio, num_rounds: int, cohorts=None):
     """`run_rounds` that stops applying rounds at the first unhealthy one.
 
     Args:
@@ -96,7 +136,7 @@ def guarded_rounds(round_fn, carry, train, seed_key, ratio, num_rounds: int):
     def body(c, i):
         state, ceiling, bad = c
         r = start + i
-        new, metrics = round_fn(state, train, jax.random.fold_in(seed_key, r))
+        new, metrics = _one_round(round_fn, state, train, seed_key, cohorts)
         loss = jnp.mean(metrics["train_loss"])
         healthy = jnp.isfinite(loss) & (loss <= ceiling) & _server_finite(new, train.num_clients)
         ok = (bad < 0) & healthy
@@ -114,8 +154,8 @@ def _compiled(algorithm: FederatedAlgorithm, batched: bool):
     if batched:
         single = guarded
 
-        def guarded(carry, train, seed_key, ratio, num_rounds):
-            fn = functools.partial(single, num_rounds=num_rounds)
+        def guarded(carry, train, seed_key, ratio, num_rounds, cohorts=None):
+            fn = functools.partial(single, num_rounds=num_rounds, cohorts=cohorts)
             return jax.vmap(fn, in_axes=(0, None, 0, None))(carry, train, seed_key, ratio)
 
         evaluate = jax.vmap(evaluate, in_axes=(0, None, None))
@@ -198,11 +238,20 @@ class _Run:
         self.bar = bar
 
     def rows(self, metrics, first_round: int, count: int, state) -> None:
+        metrics = dict(metrics)
+        diagnostics = metrics.pop("diagnostics", None)
         rows = [{"round": first_round + r, **{k: float(np.mean(v[r])) for k, v in metrics.items()}}
                 for r in range(count)]
         self.result.history.extend(rows)
         if self.writer:
             self.writer.rounds(rows)
+        if diagnostics is not None:
+            diag = [{"round": first_round + r, **{k: np.asarray(v[r]).tolist()
+                                                  for k, v in diagnostics.items()}}
+                    for r in range(count)]
+            self.result.diagnostics.extend(diag)
+            if self.writer:
+                self.writer.rounds(diag, "diagnostics.jsonl")
         callbacks_lib.call(self.callbacks, "on_block", self.result, rows, state)
 
     def evaluation(self, per_client, round_: int, state) -> str | None:
@@ -265,6 +314,8 @@ def simulate(
     resume: bool = False,
     callbacks: Sequence[Any] = (),
     max_loss_ratio: float | None = 1e6,
+    init_params: Any = None,
+    cohorts: Any = None,
 ) -> Result:
     """Runs rounds, evaluating at round 0, every `eval_every` rounds and at the end.
 
@@ -292,6 +343,13 @@ def simulate(
         `fedjax_pfl.callbacks`).
       max_loss_ratio: a round whose train loss exceeds this times the first
         round's counts as diverged (None: only NaN/Inf).
+      init_params: start from these model parameters (`algorithm.init(key,
+        train, params)`: checked against the model; every model copy of the
+        state and the server optimizer state are built from them).
+      cohorts: a cohort schedule instead of sampling: int [R, S], row r the
+        client ids of the round starting from `state.round == r` (R at least
+        the run's total rounds, S the algorithm's `clients_per_round`); see
+        `check_cohorts`. Per-client keys stay `fold_in(round key, id)`.
 
     Raises:
       TrainingDiverged: a round or an evaluation was not finite (or the loss
@@ -310,7 +368,13 @@ def simulate(
         raise ValueError(f"{'resume' if resume else 'checkpoint_every'}: expected checkpoint_dir "
                          "or out (where the checkpoints go).")
     init_key, round_key = seed_keys(seed)
-    state = algorithm.init(init_key, train) if state is None else jax.tree.map(jnp.copy, state)
+    if state is not None and init_params is not None:
+        raise ValueError("init_params: give either state or init_params, not both.")
+    if state is None:
+        state = (algorithm.init(init_key, train) if init_params is None
+                 else algorithm.init(init_key, train, init_params))
+    else:
+        state = jax.tree.map(jnp.copy, state)
     state = _own_buffers(state)
     validation.check_inputs(algorithm, state, train, test)
     ckpt, meta = None, None
@@ -323,8 +387,13 @@ def simulate(
             state, meta = ckpt.restore(state)
             _check_same_run(checkpoint_dir, meta, seed, train.num_clients, fresh.hparams,
                             state.hparams)
+            if meta.get("cohorts") != _digest(cohorts):
+                raise ValueError(f"cohorts: the checkpoints in {checkpoint_dir!r} were made "
+                                 "with another cohort schedule (or with/without one).")
     done = int(state.round)
     target = rounds if meta is not None else done + rounds
+    schedule = check_cohorts(cohorts, target, train.num_clients)
+    schedule = None if schedule is None else jnp.asarray(schedule)
     run = _Run(out, callbacks, _progress(target, done, progress))
     if run.writer:
         run.writer.start(config or {}, resume_round=done if meta is not None else None)
@@ -346,7 +415,8 @@ def simulate(
         end = _boundaries(done, target, eval_every, checkpoint_every)
         with _timed(run.result.seconds, "train"):
             (state, ceiling, bad), block_metrics = block_fn(
-                (state, ceiling, jnp.int32(-1)), train, round_key, ratio, num_rounds=end - done)
+                (state, ceiling, jnp.int32(-1)), train, round_key, ratio, num_rounds=end - done,
+                cohorts=schedule)
             block_metrics, bad = jax.device_get((block_metrics, bad))
         if bad >= 0:
             diverged = _divergence_message(block_metrics, done + 1, int(bad) + 1, float(ceiling))
@@ -362,6 +432,7 @@ def simulate(
                 (checkpoint_every and done % checkpoint_every == 0) or done == target):
             ckpt.save(done, state, {"seed": seed, "num_clients": train.num_clients,
                                     "round_key": _key_list(round_key),
+                                    "cohorts": _digest(cohorts),
                                     "ceiling": float(ceiling), "config": config or {},
                                     "history": run.result.history, "evals": run.result.evals})
     if ckpt is not None:
@@ -388,111 +459,17 @@ def _check_same_run(directory, meta, seed, num_clients, want_hparams, got_hparam
                              f"{name}={np.asarray(got).tolist()}, got {np.asarray(want).tolist()}.")
 
 
+def _digest(cohorts) -> str | None:
+    """A fingerprint of a cohort schedule (stored in checkpoints)."""
+    if cohorts is None:
+        return None
+    import hashlib
+
+    return hashlib.sha256(np.ascontiguousarray(np.asarray(cohorts, np.int64))).hexdigest()[:16]
+
+
 def _key_list(key) -> list[int]:
     return [int(v) for v in np.asarray(jax.random.key_data(key)).ravel()]
-
-
-def simulate_grid(
-    algorithm: FederatedAlgorithm,
-    train: ClientData,
-    test: ClientData,
-    *,
-    seeds: Sequence[int],
-    hparams: dict[str, Sequence[float]] | None = None,
-    rounds: int,
-    eval_every: int | None = None,
-    progress: bool = True,
-    outs: Sequence[str | None] | None = None,
-    configs: Sequence[dict] | None = None,
-    max_loss_ratio: float | None = 1e6,
-) -> list[Result]:
-    """P runs of one algorithm that differ only in seed and numeric hparams, as ONE compile.
-
-    The P states are stacked on a leading axis and every block of rounds and
-    every evaluation is `jax.vmap`ped over it. Point p uses seed `seeds[p]` and
-    `state.hparams[k] = hparams[k][p]`. A point that diverges keeps its last
-    healthy state and `result.diverged` says why; the others go on.
-
-    Args:
-      algorithm, train, test, rounds, eval_every, progress, max_loss_ratio: as
-        for `simulate`.
-      seeds: [P] run seeds.
-      hparams: name -> [P] values, overriding entries of `state.hparams`.
-      outs: [P] results directories (or None entries), written as for `simulate`.
-      configs: [P] configs saved as each point's config.json.
-
-    Returns:
-      P `Result`s.
-    """
-    _check_args(algorithm, train, test, rounds, eval_every, None, max_loss_ratio)
-    seeds = [validation.check_seed(f"seeds[{p}]", s) for p, s in enumerate(seeds)]
-    num = len(seeds)
-    hparams = dict(hparams or {})
-    outs = list(outs) if outs is not None else [None] * num
-    configs = list(configs) if configs is not None else [{}] * num
-    for name, values in (("outs", outs), ("configs", configs), *hparams.items()):
-        if len(values) != num:
-            raise ValueError(f"{name}: expected {num} values (one per seed), got {len(values)}.")
-    states = [algorithm.init(seed_keys(s)[0], train) for s in seeds]
-    unknown = set(hparams) - set(states[0].hparams)
-    if unknown:
-        raise ValueError(f"hparams: {sorted(unknown)} are not traced hyperparameters of this "
-                         f"algorithm; it has {sorted(states[0].hparams)}.")
-    validation.check_inputs(algorithm, states[0], train, test)
-    for out in outs:
-        if out is not None:
-            check_output(out)
-    state = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
-    state = state.replace(hparams={**state.hparams, **{
-        k: jnp.asarray(v, jnp.float32) for k, v in hparams.items()}})
-    round_keys = jnp.stack([seed_keys(s)[1] for s in seeds])
-    runs = [_Run(out, (), None) for out in outs]
-    for run, config in zip(runs, configs):
-        if run.writer:
-            run.writer.start(config)
-    bar = _progress(rounds, 0, progress)
-    block_fn, eval_fn = _compiled(algorithm, True)
-    ceiling = jnp.full((num,), np.inf, jnp.float32)
-    bad = jnp.full((num,), -1, jnp.int32)
-    ratio = jnp.float32(np.inf if max_loss_ratio is None else max_loss_ratio)
-    diverged: list[str | None] = [None] * num
-    seconds = {"train": 0.0, "eval": 0.0}
-    point = lambda tree, p: jax.tree.map(lambda a: a[p], tree)
-
-    def evaluate():
-        with _timed(seconds, "eval"):
-            per_client = jax.device_get(eval_fn(state, train, test))
-        for p, run in enumerate(runs):
-            if diverged[p] is None:
-                diverged[p] = run.evaluation(point(per_client, p), int(state.round[p]), None)
-
-    evaluate()
-    done = 0
-    while done < rounds:
-        end = _boundaries(done, rounds, eval_every, None)
-        with _timed(seconds, "train"):
-            (state, ceiling, bad), block_metrics = block_fn(
-                (state, ceiling, bad), train, round_keys, ratio, num_rounds=end - done)
-            block_metrics, bad_host = jax.device_get((block_metrics, bad))
-        for p, run in enumerate(runs):
-            if diverged[p] is None:
-                count = end - done if bad_host[p] < 0 else int(bad_host[p]) - done + 1
-                run.rows(point(block_metrics, p), done + 1, count, None)
-                if bad_host[p] >= 0:
-                    diverged[p] = _divergence_message(point(block_metrics, p), done + 1,
-                                                      int(bad_host[p]) + 1, float(ceiling[p]))
-        if bar is not None:
-            bar.update(end - done)
-        done = end
-        if (eval_every and done % eval_every == 0) or done == rounds:
-            evaluate()
-    if bar is not None:
-        bar.close()
-    results = []
-    for p, run in enumerate(runs):
-        run.result.seconds = {k: v / num for k, v in seconds.items()}
-        results.append(run.end(point(state, p), diverged[p]))
-    return results
 
 
 def _progress(total: int, initial: int, enabled: bool):

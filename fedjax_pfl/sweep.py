@@ -38,7 +38,8 @@ import sys
 
 from fedjax_pfl import cli
 
-OPTIONS = set(cli.RUN_OPTIONS) - {"out", "devices"}  # run options that may vary per point
+# Run options that may vary per point (given init params and cohorts: `run` and `simulate` only).
+OPTIONS = set(cli.RUN_OPTIONS) - {"out", "devices", "init_params", "cohorts"}
 NAMED = ("algorithm", "dataset", "clients", "partition", "seed")  # always in ids and tables
 DATA = ("dataset", "clients", "partition", "data_seed", "train_fraction", "alpha", "beta",
         "classes_per_client")
@@ -176,7 +177,8 @@ def sweep(grid: dict, *, base: dict | None = None, algorithm_kwargs: dict | None
     import jax
 
     import fedjax_pfl as fp
-    from fedjax_pfl.simulate import simulate, simulate_grid
+    from fedjax_pfl.grid import simulate_grid
+    from fedjax_pfl.simulate import simulate
 
     base = dict(base or {})
     devices = base.pop("devices", None)

@@ -13,7 +13,7 @@ import fedjax_pfl as fp
 from fedjax_pfl import cli
 
 sweep_lib = importlib.import_module("fedjax_pfl.sweep")  # `fp.sweep` is the function
-simulate_lib = importlib.import_module("fedjax_pfl.simulate")
+grid_lib = importlib.import_module("fedjax_pfl.grid")
 
 # 2 algorithms x 2 client counts x 2 seeds x 2 learning rates, a few seconds in all.
 GRID = {"algorithm": ["fedavg", "fedprox"], "clients": [4, 6], "seed": [0, 1],
@@ -138,8 +138,8 @@ def test_resume_reruns_only_unfinished_groups_and_refuses_another_spec(swept, tm
     mtimes = {d: os.path.getmtime(os.path.join(out, d, "summary.json"))
               for d in frame["dir"] if d != victim["dir"]}
     calls = []
-    real = simulate_lib.simulate_grid
-    monkeypatch.setattr(simulate_lib, "simulate_grid",
+    real = grid_lib.simulate_grid
+    monkeypatch.setattr(grid_lib, "simulate_grid",
                         lambda *a, **k: calls.append(k["outs"]) or real(*a, **k))
     again = fp.sweep(GRID, base=BASE, algorithm_kwargs=FIXED, out=out, progress=False)
     assert len(calls) == 1 and os.path.join(out, victim["dir"]) in calls[0]

@@ -221,7 +221,7 @@ def fedfew(
         if diagnostics:
             metrics["diagnostics"] = {"clients": cohort.ids, "losses": losses, "w": w,
                                       "alpha": alpha, "model": jnp.argmin(losses, axis=1)}
-        in_cohort = cohort.put(state.last_cohort, jnp.ones(cohort.ids.shape, bool))
+        in_cohort = cohort.put(jnp.zeros_like(state.last_cohort), jnp.ones(cohort.ids.shape, bool))
         return state.replace(round=state.round + 1, params=params, opt_state=opt_state,
                              last_params=state.params, last_key=_key_data(key),
                              last_cohort=in_cohort), metrics

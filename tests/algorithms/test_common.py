@@ -232,3 +232,59 @@ def test_runs_through_the_cli(name, strategy, tmp_path, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["final"]["round"] == 2
     assert len((out / "rounds.jsonl").read_text().splitlines()) == 2
+
+
+@pytest.mark.costly
+def test_given_cohort_equals_the_sampled_one(name, tiny_train):
+    """`round(..., cohort=ids)` with the ids sampling would pick is the same round;
+    another cohort changes only its own clients' rows."""
+    algo, _, round_fn, _ = build(name, clients_per_round=COHORT)
+    state = init(algo, tiny_train)
+    sampled = sampling.sample_cohort(jax.random.fold_in(ROUND_KEY, 0), tiny_train.num_clients,
+                                     COHORT)
+    given = jax.jit(algo.round)
+    want = round_fn(state, tiny_train, ROUND_KEY)
+    testing.assert_trees_close(given(state, tiny_train, ROUND_KEY, sampled), want, rtol=0, atol=0)
+    other = jnp.array([9, 0, 4, 2, 7], jnp.int32)  # unsorted, unlike sampled cohorts
+    new, _ = given(state, tiny_train, ROUND_KEY, other)
+    outside = np.setdiff1d(np.arange(tiny_train.num_clients), np.asarray(other))
+    for old_leaf, new_leaf in zip(jax.tree.leaves(state), jax.tree.leaves(new)):
+        if np.ndim(old_leaf) and np.shape(old_leaf)[0] == tiny_train.num_clients:
+            np.testing.assert_array_equal(np.asarray(new_leaf)[outside],
+                                          np.asarray(old_leaf)[outside])
+    with pytest.raises(ValueError, match="cohort: expected 5 int client ids"):
+        algo.round(state, tiny_train, ROUND_KEY, jnp.arange(4))
+
+
+def test_init_from_given_params_equals_init_from_their_key(name, tiny_train):
+    """`init(key, train, params)` builds the same state as an init whose model
+    init gives `params` (K-model algorithms: K copies, as `init="shared"`)."""
+    algo, _, _, _ = build(name, **({"init": "shared"} if name == "ifca" else {}))
+    given = MODEL.init(jax.random.key(7))
+    got = algo.init(jax.random.key(0), tiny_train, jax.tree.map(np.asarray, given))
+    want = algo.init(jax.random.key(7), tiny_train)
+    if name == "fedfew":  # keeps its init key's data for the "local" evaluation
+        got, want = got.replace(last_key=want.last_key), want
+    testing.assert_trees_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["fedfew", "ifca"])
+def test_k_models_take_a_given_stack(name, tiny_train):
+    algo, config, _, _ = build(name)
+    stack = jax.vmap(MODEL.init)(jax.random.split(jax.random.key(3), config["num_models"]))
+    state = algo.init(jax.random.key(0), tiny_train, stack)
+    testing.assert_trees_close(state.params, stack, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mutate,match", [
+    (lambda p: {k: v for k, v in p.items() if k != "head"}, "missing leaf 'head/bias'"),
+    (lambda p: {**p, "extra": {"w": np.zeros(2)}}, "unexpected leaf 'extra/w'"),
+    (lambda p: jax.tree.map(lambda a: np.zeros((a.shape[0] + 1,) + a.shape[1:]), p),
+     r"leaf 'head/bias' has shape \(4,\), the model expects \(3,\)"),
+    (lambda p: jax.tree.map(lambda a: np.full(a.shape, np.nan), p), "must hold finite"),
+])
+def test_given_params_are_checked_against_the_model(tiny_train, mutate, match):
+    algo, _, _, _ = build("fedavg")
+    params = jax.tree.map(np.asarray, MODEL.init(jax.random.key(1)))
+    with pytest.raises(ValueError, match=match):
+        algo.init(jax.random.key(0), tiny_train, mutate(params))
