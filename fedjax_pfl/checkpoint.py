@@ -135,4 +135,5 @@ def load_params(path: str) -> dict:
     except FileNotFoundError:
         raise ValueError(f"init_params: no file {path!r}.") from None
     except Exception as e:  # noqa: BLE001 - any parse error becomes one line naming the file
-        raise ValueError(f"init_params: cannot read {path!r} as parameters: {str(e).rstrip('.')}.") from None
+        why = str(e).rstrip(".")
+        raise ValueError(f"init_params: cannot read {path!r} as parameters: {why}.") from None

@@ -12,7 +12,8 @@ import pytest
 
 import fedjax_pfl as fp
 from fedjax_pfl import cli, testing
-from fedjax_pfl.algorithms import apfl, fedapm, fedavg, fedfew, ifca, local_only as local
+from fedjax_pfl.algorithms import apfl, fedapm, fedavg, fedfew, ifca
+from fedjax_pfl.algorithms import local_only as local
 from fedjax_pfl.algorithms.fedavg import evaluate_shared
 from fedjax_pfl.algorithms.fedfew import stch_weights
 from fedjax_pfl.checkpoint import load_params, save_params
