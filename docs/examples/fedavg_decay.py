@@ -17,8 +17,9 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from fedjax_pfl.core import aggregation, algorithm, local, sampling
+from fedjax_pfl.core import aggregation, algorithm, local
 from fedjax_pfl.core import execution as ex
+from fedjax_pfl.core import round as round_lib
 from fedjax_pfl.core.algorithm import FederatedAlgorithm
 from fedjax_pfl.models.model import Model
 
@@ -70,9 +71,10 @@ def fedavg_decay(
     execution = ex.as_execution(execution)
     loss_fn = local.model_loss_fn(model)
 
-    def init(key, train):
+    def init(key, train, params=None):
         algorithm.check_data(model, train, clients_per_round)
-        return DecayState(round=jnp.zeros((), jnp.int32), params=model.init(key),
+        params = algorithm.initial_params(model, key, params)  # model.init(key) or checked
+        return DecayState(round=jnp.zeros((), jnp.int32), params=params,
                           participations=jnp.zeros((train.num_clients,), jnp.int32),
                           hparams=algorithm.hparams(client_lr=client_lr, decay=decay))
 
@@ -84,19 +86,18 @@ def fedavg_decay(
         result = schedule.train(loss_fn, params, data, key, lr)
         return result.mean_loss(), aggregation.weighted_delta(result.params, params, weight)
 
-    def round_fn(state, train, key):
-        algorithm.check_train(train, clients_per_round)
-        sample_key, client_key = sampling.round_keys(key)
-        cohort = sampling.cohort(sample_key, train.num_clients, clients_per_round)
-        data = cohort.take(train)                     # [S, N, ...]
+    def round_fn(state, train, key, cohort=None):
+        # Checks, then the cohort (sampled, or the given ids), its data [S, N, ...],
+        # its clients' keys and example counts n [S].
+        cohort, data, keys, n = round_lib.start(
+            key, train, clients_per_round, cohort,
+            state_clients=state.participations.shape[0])
         counts = cohort.take(state.participations)    # [S]
-        keys = sampling.client_keys(client_key, cohort.ids)
-        n = data.num_examples.astype(jnp.float32)
         losses, (delta_sum, weight_sum) = ex.map_reduce(
             client_update, (state.params, state.hparams), (data, keys, n, counts), execution)
         params = optax.apply_updates(state.params, aggregation.safe_div(delta_sum, weight_sum))
         participations = cohort.put(state.participations, counts + 1)  # other rows unchanged
-        metrics = {"train_loss": jnp.sum(n * losses) / jnp.maximum(jnp.sum(n), 1.0)}
+        metrics = {"train_loss": round_lib.mean_loss(losses, n)}
         return state.replace(round=state.round + 1, params=params,
                              participations=participations), metrics
 
