@@ -125,10 +125,10 @@ def test_fedfew_diagnostics(tiny_train):
 
 
 def test_ifca_diagnostics(tiny_train):
-    state, _, d = _diag_round(ifca, tiny_train, num_models=3, clients_per_round=5, **KW)
-    for i, k in zip(d["clients"], d["model"]):
-        row = testing.client_row(tiny_train, int(i))
-        assert k == int(np.argmin(kmodels.train_losses(MODEL, state.params, row)))
+    state, _, d = _diag_round(ifca, tiny_train, num_models=2, clients_per_round=5, **KW)
+    losses = jax.jit(jax.vmap(kmodels.train_losses, (None, None, 0)), static_argnums=0)(
+        MODEL, state.params, tiny_train.take(jnp.asarray(d["clients"])))
+    np.testing.assert_array_equal(d["model"], np.argmin(losses, axis=1))
 
 
 def test_fedapm_diagnostics(tiny_train):
