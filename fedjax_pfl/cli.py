@@ -32,6 +32,10 @@ import time
 RUN_OPTIONS = {
     "algorithm": (str, "fedavg", "a name from `fedjax-pfl list`"),
     "dataset": (str, "digits", "a name from `fedjax-pfl list`"),
+    "data_dir": (str, None, "folder of the dataset's files, for the datasets read from disk "
+                            "(femnist, shakespeare, sent140, cifar10, mnist, pfllib, ...; see "
+                            "fedjax_pfl.data.load); with it, --clients takes the first N clients "
+                            "of naturally federated data"),
     "partition": (str, "dirichlet", "how pooled data is split among clients"),
     "alpha": (float, None, "Dirichlet concentration (default: 0.5) or synthetic alpha (1.0)"),
     "beta": (float, None, "synthetic beta (default: 1.0)"),
@@ -91,7 +95,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     run = sub.add_parser("run", help="run one algorithm and write a results directory")
     for name, (kind, default, text) in RUN_OPTIONS.items():
-        metavar = "DIR" if name == "out" else {int: "N", float: "X"}.get(kind, "NAME")
+        metavar = "DIR" if name in ("out", "data_dir") else {int: "N", float: "X"}.get(kind, "NAME")
         run.add_argument("--" + name.replace("_", "-"), type=kind, default=None, metavar=metavar,
                          help=text if default is None else f"{text} (default: {default})")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -213,8 +217,9 @@ def accepted_kwargs(factory) -> set[str]:
 def _dataset_kwargs(cfg: dict) -> dict:
     """Dataset options that apply to the chosen dataset/partition (defaults filled in cfg)."""
     synthetic, part = cfg["dataset"] == "synthetic", cfg["partition"]
-    applies = {"alpha": synthetic or part == "dirichlet", "beta": synthetic,
-               "classes_per_client": not synthetic and part == "pathological"}
+    natural = bool(cfg.get("data_dir")) and cfg["dataset"] in _natural_loaders()
+    applies = {"alpha": not natural and (synthetic or part == "dirichlet"), "beta": synthetic,
+               "classes_per_client": not natural and not synthetic and part == "pathological"}
     defaults = {"alpha": 1.0 if synthetic else 0.5, "beta": 1.0, "classes_per_client": 2}
     kwargs = {}
     for name, ok in applies.items():
@@ -226,12 +231,23 @@ def _dataset_kwargs(cfg: dict) -> dict:
     return kwargs
 
 
+def _natural_loaders() -> set[str]:
+    from fedjax_pfl.data.loaders import NATURAL
+
+    return set(NATURAL)
+
+
 def _algorithm_kwargs(cfg: dict, algo_kwargs: dict) -> dict:
     """Validates the registry names and the factory kwargs; returns the kwargs to pass."""
     import fedjax_pfl as fp
     from fedjax_pfl.core.execution import STRATEGIES
 
-    for kind, registry in (("algorithm", fp.ALGORITHMS), ("dataset", fp.data.DATASETS),
+    datasets = fp.data.LOADERS if cfg.get("data_dir") else fp.data.DATASETS
+    if not cfg.get("data_dir") and cfg["dataset"] in fp.data.LOADERS and (
+            cfg["dataset"] not in fp.data.DATASETS):
+        raise ValueError(f"data_dir: dataset {cfg['dataset']!r} is read from local files; "
+                         "give their folder with --data-dir PATH (see fedjax_pfl.data.load).")
+    for kind, registry in (("algorithm", fp.ALGORITHMS), ("dataset", datasets),
                            ("partition", fp.data.PARTITIONS), ("model", fp.models.MODELS),
                            ("execution", STRATEGIES)):
         if cfg[kind] not in registry:
@@ -257,6 +273,14 @@ def _load_data(cfg: dict):
     """(train, test, info) of the resolved options (fills dataset defaults into cfg)."""
     import fedjax_pfl as fp
 
+    seed = cfg["seed"] if cfg.get("data_seed") is None else cfg["data_seed"]
+    if cfg.get("data_dir"):
+        natural = cfg["dataset"] in _natural_loaders()
+        kwargs = _dataset_kwargs(cfg)
+        return fp.data.load(cfg["dataset"], root=cfg["data_dir"], num_clients=cfg["clients"],
+                            partition=cfg["partition"], seed=seed,
+                            train_fraction=cfg["train_fraction"],
+                            **({} if natural else kwargs))
     return fp.data.federated_dataset(
         cfg["dataset"], num_clients=cfg["clients"], partition=cfg["partition"],
         seed=cfg["seed"] if cfg.get("data_seed") is None else cfg["data_seed"],

@@ -12,6 +12,7 @@ from fedjax_pfl.data.datasets import (
     synthetic,
     to_images,
 )
+from fedjax_pfl.data.loaders import LOADERS, load, save_pfllib
 from fedjax_pfl.data.multimodal import multimodal_synthetic
 from fedjax_pfl.data.partition import (
     PARTITIONS,
@@ -43,3 +44,4 @@ __all__ = [
     "train_test_split",
 ]
 __all__ += ["multimodal_synthetic"]
+__all__ += ["LOADERS", "load", "save_pfllib"]

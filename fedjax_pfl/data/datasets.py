@@ -284,11 +284,11 @@ def load_leaf_json(path) -> list[dict[str, np.ndarray]]:
             raise FileNotFoundError(f"path: directory {path!r} holds no .json files.")
     else:
         files = [_check_file(path)]
-    return [client for file in files for client in _leaf_file(file)]
+    return [client for file in files for _, client in leaf_users(file)]
 
 
-def _leaf_file(file: str) -> list[dict[str, np.ndarray]]:
-    """The users of one LEAF JSON file; every failure is one line naming the file."""
+def leaf_users(file: str) -> list[tuple[str, dict[str, np.ndarray]]]:
+    """(user id, {"x", "y"}) of one LEAF JSON file; every failure is one line naming the file."""
     text = validation.read_text(file, "LEAF JSON")
     try:
         blob = json.loads(text)
@@ -326,7 +326,7 @@ def _leaf_file(file: str) -> list[dict[str, np.ndarray]]:
                       f"{len(x)}, len(y) {len(y)} and num_samples {n}")
         if x.dtype.kind in "iufb":
             x = _features(x, file, "LEAF JSON", where)
-        clients.append({"x": x, "y": _labels(y, file, "LEAF JSON", where)})
+        clients.append((user, {"x": x, "y": _labels(y, file, "LEAF JSON", where)}))
     return clients
 
 
