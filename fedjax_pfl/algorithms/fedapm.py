@@ -49,8 +49,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from fedjax_pfl.algorithms import partial
-from fedjax_pfl.core import algorithm, local
+from fedjax_pfl.core import algorithm, local, partial
 from fedjax_pfl.core import execution as ex
 from fedjax_pfl.core import round as round_lib
 from fedjax_pfl.core.algorithm import FederatedAlgorithm

@@ -1,14 +1,9 @@
-"""Partial model personalization: the pieces FedAlt, FedSim, FedRep, FedPer and FedAPM share.
+"""Stateful partial model personalization: FedAlt, FedSim, FedRep and FedPer.
 
 The params of one model are split by `core.params.partition` into a personal
 block v (kept per client, stacked [M, ...]) and a shared block u (one server
-copy). Client code is written for ONE client and vmapped by the engine:
-
-* `ClientTrainer.personal` trains v with u frozen, `ClientTrainer.shared`
-  trains a local copy u_i with v frozen (the two phases of alternating
-  methods), and `ClientTrainer.joint` trains (v, u_i) together on the same
-  minibatches (simultaneous methods);
-* `partial_pfl` builds the canonical stateful baselines of Pillutla et al.
+copy); ONE client's training is `core.partial.ClientTrainer`.
+`partial_pfl` builds the canonical stateful baselines of Pillutla et al.
   ("Federated Learning with Partial Model Personalization", ICML 2022):
   mode "alternating" (FedAlt; FedRep is the head-personal case) and
   "simultaneous" (FedSim; FedPer is the head-personal case). The shared
@@ -16,16 +11,13 @@ copy). Client code is written for ONE client and vmapped by the engine:
 
 Within a round, the personal phase uses the key `fold_in(client_key, 0)` and
 the shared (or joint) phase `fold_in(client_key, 1)`, so alternating methods
-that differ only in their penalties draw the same minibatches.
+that differ only in their penalties draw the same minibatches (see `core.partial`).
 """
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
-import optax
 from flax import struct
 
 from fedjax_pfl.core import aggregation, algorithm, local
@@ -33,6 +25,7 @@ from fedjax_pfl.core import execution as ex
 from fedjax_pfl.core import params as params_lib
 from fedjax_pfl.core import round as round_lib
 from fedjax_pfl.core.algorithm import FederatedAlgorithm
+from fedjax_pfl.core.partial import ClientTrainer, drift_norm, model_partition, personal_schedule
 from fedjax_pfl.models.model import Model
 
 WEIGHTINGS = ("num_examples", "uniform")
@@ -54,79 +47,6 @@ class PartialState:
     shared: dict
     client_personal: dict
     hparams: dict
-
-
-def model_partition(model: Model, personal: params_lib.Label) -> params_lib.Partition:
-    """The `Partition` of `model`'s params (from shapes only; nothing is computed)."""
-    return params_lib.partition(jax.eval_shape(model.init, jax.random.key(0)), personal)
-
-
-def personal_schedule(schedule: local.LocalSchedule, personal_steps, personal_epochs):
-    """The personal phase's schedule: `schedule` unless personal_steps/epochs is set."""
-    if personal_steps is None and personal_epochs is None:
-        return schedule
-    for name, v in (("personal_steps", personal_steps), ("personal_epochs", personal_epochs)):
-        algorithm.check_arg(name, v, v is None or (isinstance(v, int) and not isinstance(v, bool)
-                                                    and v >= 1), "None or an int >= 1")
-    algorithm.check_arg("personal_epochs", personal_epochs,
-                        personal_steps is None or personal_epochs is None,
-                        "unset when personal_steps is set")
-    return dataclasses.replace(schedule, local_steps=personal_steps, local_epochs=personal_epochs)
-
-
-def sq_norm(tree) -> jax.Array:
-    """‖tree‖² (sum over leaves)."""
-    return optax.tree.norm(tree, squared=True)
-
-
-def drift_norm(u_i, u) -> jax.Array:
-    """Σ over shared tensors of ‖u_i − u‖_F (FedAPM's client-drift statistic)."""
-    return sum(jnp.sqrt(jnp.sum((a - b) ** 2)) for a, b in zip(jax.tree.leaves(u_i),
-                                                                 jax.tree.leaves(u)))
-
-
-@dataclasses.dataclass(frozen=True)
-class ClientTrainer:
-    """Block-wise local training of ONE client (static configuration).
-
-    `scale` multiplies the data loss (FedAPM's client weight α_i); the
-    reported mean loss is divided by it again. `penalty(block) -> scalar` is
-    added to each step's objective.
-    """
-
-    model: Model
-    part: params_lib.Partition
-    schedule: local.LocalSchedule
-    personal_schedule: local.LocalSchedule
-
-    def _loss(self, merge, scale):
-        loss = local.model_loss_fn(self.model)
-        return lambda p, batch, key: scale * loss(merge(p), batch, key)
-
-    def personal(self, v, u, data, key, lr, penalty=None, scale=1.0):
-        """Personal phase: trains v with u frozen. Returns (v', mean loss)."""
-        fn = self._loss(lambda p: self.part.merge(p, u), scale)
-        r = self.personal_schedule.train(fn, v, data, jax.random.fold_in(key, 0), lr, penalty)
-        return r.params, r.mean_loss() / scale
-
-    def shared(self, v, u, data, key, lr, penalty=None, scale=1.0):
-        """Shared phase: trains u_i (from u) with v frozen. Returns (u_i, mean loss)."""
-        fn = self._loss(lambda p: self.part.merge(v, p), scale)
-        r = self.schedule.train(fn, u, data, jax.random.fold_in(key, 1), lr, penalty)
-        return r.params, r.mean_loss() / scale
-
-    def joint(self, v, u, data, key, lr):
-        """Simultaneous phase: (v, u_i) on the same minibatches. Returns (v', u_i, loss)."""
-        fn = self._loss(lambda p: self.part.merge(*p), 1.0)
-        r = self.schedule.train(fn, (v, u), data, jax.random.fold_in(key, 1), lr)
-        return r.params[0], r.params[1], r.mean_loss()
-
-    def evaluate(self, u, test, client_personal, execution):
-        """Per-client test statistics [M] of (v_i, u) (u may be per-client too)."""
-        def one(shared, x):
-            v, data = x
-            return local.evaluate_client(self.model, self.part.merge(v, shared), data)
-        return ex.map_clients(one, u, (client_personal, test), execution)
 
 
 def partial_pfl(

@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_pfl.algorithms.partial import model_partition
 from fedjax_pfl.core import local
+from fedjax_pfl.core.partial import model_partition
 from fedjax_pfl.testing.common import client_row, cohort, f64
 
 

@@ -138,8 +138,9 @@ def test_local_and_global_evaluation_protocols(tiny_train, tiny_test):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("flags", [{"server_average": "cohort", "client_weight": "unit"},
-                                   {"local_steps": 3, "rho": 0.2, "sigma": 0.3}])
+@pytest.mark.parametrize("flags", [
+    {"server_average": "cohort", "client_weight": "unit"},
+    {"local_steps": 3, "local_epochs": None, "rho": 0.2, "sigma": 0.3}])
 def test_flags_equal_naive_loop(tiny_train, flags):
     algo, round_fn, _, config = build(**flags)
     state = with_random_duals(algo.init(jax.random.key(0), tiny_train))
