@@ -88,7 +88,11 @@ def summarize(metrics: Mapping[str, object], prefix: str = "") -> dict[str, floa
     Returns:
       dict with `acc_weighted`, `acc_mean`, `acc_std`, `acc_min`, `acc_p10`,
       `acc_p50`, `acc_p90`, `acc_jain`, `loss_weighted`, `loss_mean`,
-      `num_clients` (with a test example); keys prefixed by `prefix`.
+      `num_clients` (with a test example); keys prefixed by `prefix`. For
+      sequence models (statistics with `num_tokens`, see
+      `core.local.evaluate_client`) accuracies are per-token: each client's
+      is its token accuracy (`acc_weighted` weights them by test examples),
+      and `acc_token_weighted` is correct tokens over all tokens.
     """
     m = {k: np.asarray(v, np.float64) for k, v in metrics.items()}
     table = client_table(m)
@@ -110,6 +114,10 @@ def summarize(metrics: Mapping[str, object], prefix: str = "") -> dict[str, floa
         "loss_mean": float(np.mean(loss)),
         "num_clients": int(has.sum()),
     }
+    if "num_tokens" in m:  # sequence models: correct tokens over all counted tokens
+        tokens = float(m["num_tokens"].sum())
+        out["acc_token_weighted"] = (float(m["num_correct_tokens"].sum() / tokens) if tokens > 0
+                                     else float("nan"))
     if "f1" in table:
         out["f1_mean"] = float(np.mean(table["f1"][has]))
         out["auc_mean"] = float(np.mean(table["auc"][has]))

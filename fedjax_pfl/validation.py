@@ -273,7 +273,9 @@ def _trace(fn, data: ClientData, name: str, *args):
 
 
 def num_classes(model, data: ClientData, name: str = "train") -> int | None:
-    """C from the model's logits [batch, C] on one example of `data` (`jax.eval_shape`).
+    """C from the model's logits [batch, C] (or [batch, T, C]) on one example of `data`.
+
+    The output is found with `jax.eval_shape`.
 
     Also checks that the loss accepts the output and the example and returns
     one loss per example (nothing is computed). Models whose output is not
@@ -282,7 +284,9 @@ def num_classes(model, data: ClientData, name: str = "train") -> int | None:
     """
     params = jax.eval_shape(model.init, jax.random.key(0))
     out = _trace(lambda p, b: model.apply(p, b, None), data, name, params)
-    classes = out.shape[1] if getattr(out, "ndim", 0) == 2 and out.shape[0] == 1 else None
+    # [batch, C], or [batch, T, C] for per-token (sequence) models
+    ndim = getattr(out, "ndim", 0)
+    classes = out.shape[-1] if ndim in (2, 3) and out.shape[0] == 1 else None
     if classes is not None:
         _check_label_dtype(data, name)
     loss = _trace(model.loss, data, name, out)

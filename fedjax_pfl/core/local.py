@@ -233,29 +233,55 @@ def evaluate_client(model: Model, params, data: ClientData) -> dict[str, jax.Arr
     probabilities (Mann-Whitney rank formula, ties counted 1/2; 0 where the
     class has no positive or no negative test example).
 
+    Sequence models (logits [N, T, C], labels [N, T]) are scored per token:
+    the tokens of the real rows that `model.token_mask` keeps (padding does
+    not count) are the units of accuracy and of the per-class statistics. So
+    that every consumer of `num_correct / num_examples` (metrics, fine-tuning
+    curves, best-of-K) reads the client's token accuracy, `num_correct` is
+    `num_examples * correct_tokens / num_tokens`; the exact token counts come
+    as the extra scalars `num_tokens` and `num_correct_tokens` (from which
+    `metrics.summarize` forms the token-weighted `acc_token_weighted`).
+    `loss_sum` sums the model's per-example losses (each a mean over tokens).
+
     Returns:
       dict with scalars `num_examples`, `num_correct`, `loss_sum` and [C]
-      arrays `class_tp`, `class_pred`, `class_true`, `class_auc`.
+      arrays `class_tp`, `class_pred`, `class_true`, `class_auc`; sequence
+      models add scalars `num_tokens`, `num_correct_tokens`.
     """
     logits = model.apply(params, data.examples, None)
-    num_rows, num_classes = logits.shape
-    mask = jnp.arange(num_rows) < data.num_examples
+    num_rows, num_classes = logits.shape[0], logits.shape[-1]
+    rows = jnp.arange(num_rows) < data.num_examples
     labels = data.examples["y"]
+    loss = jnp.where(rows, model.loss(logits, data.examples), 0.0)
+    num_examples = data.num_examples.astype(jnp.float32)
+    extra = {}
+    per_token = logits.ndim == 3
+    if per_token:  # per-token predictions: count the kept tokens of the real rows
+        token_mask = getattr(model, "token_mask", None)
+        keep = rows[:, None] if token_mask is None else rows[:, None] & token_mask(data.examples)
+        keep = jnp.broadcast_to(keep, labels.shape)
+        logits, labels, mask = logits.reshape(-1, num_classes), labels.reshape(-1), keep.reshape(-1)
+    else:
+        mask = rows
     pred = jnp.argmax(logits, -1)
-    correct = (pred == labels) & mask
-    loss = jnp.where(mask, model.loss(logits, data.examples), 0.0)
+    num_correct = jnp.sum((pred == labels) & mask).astype(jnp.float32)
+    if per_token:
+        num_tokens = jnp.sum(mask).astype(jnp.float32)
+        extra = {"num_tokens": num_tokens, "num_correct_tokens": num_correct}
+        num_correct = num_examples * num_correct / jnp.maximum(num_tokens, 1.0)
     classes = jnp.arange(num_classes)[None, :]
     is_true = (labels[:, None] == classes) & mask[:, None]  # [N, C]
     is_pred = (pred[:, None] == classes) & mask[:, None]
     probs = jax.nn.softmax(logits.astype(jnp.float32), -1)
     return {
-        "num_examples": data.num_examples.astype(jnp.float32),
-        "num_correct": jnp.sum(correct).astype(jnp.float32),
+        "num_examples": num_examples,
+        "num_correct": num_correct,
         "loss_sum": jnp.sum(loss),
         "class_tp": jnp.sum(is_true & is_pred, 0).astype(jnp.float32),
         "class_pred": jnp.sum(is_pred, 0).astype(jnp.float32),
         "class_true": jnp.sum(is_true, 0).astype(jnp.float32),
         "class_auc": jax.vmap(_ovr_auc, in_axes=(1, 1, None))(probs, is_true, mask),
+        **extra,
     }
 
 

@@ -4,6 +4,12 @@ The triple hides the neural-network library: the engine only calls
 `init(key) -> params`, `apply(params, batch, key) -> logits` and
 `loss(logits, batch) -> per-example loss`. Because these are plain functions,
 `jax.vmap(model.init)(keys)` stacks K or M independent models.
+
+Sequence models (per-token prediction) return logits [B, T, C] against labels
+[B, T]; their `loss` is still one number per EXAMPLE (the mean over its
+counted tokens, see `sequence_cross_entropy`), so training is unchanged, and
+their optional `token_mask(batch) -> [B, T] bool` says which tokens count
+(padding does not) in `core.local.evaluate_client`.
 """
 
 from collections.abc import Callable, Sequence
@@ -26,16 +32,30 @@ class Model(NamedTuple):
       apply: `apply(params, batch, key) -> logits [B, C]`; `key` is None at
         evaluation and a fresh key per step in training (for dropout).
       loss: `loss(logits, batch) -> [B]` per-example loss.
+      token_mask: only for sequence models (logits [B, T, C], labels [B, T]):
+        `token_mask(batch) -> [B, T]` bool, the tokens that count in
+        evaluation (None: every token).
     """
 
     init: Callable[[jax.Array], Params]
     apply: Callable[[Params, Batch, jax.Array | None], jax.Array]
     loss: Callable[[jax.Array, Batch], jax.Array]
+    token_mask: Callable[[Batch], jax.Array] | None = None
 
 
 def cross_entropy(logits: jax.Array, batch: Batch) -> jax.Array:
     """Softmax cross-entropy against integer labels `batch["y"]`: [B]."""
     return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"])
+
+
+def sequence_cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
+    """Per-example loss [B] of per-token logits [B, T, C]: the mean over `mask`ed tokens.
+
+    An example with no counted token has loss 0.
+    """
+    token_loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    mask = mask.astype(token_loss.dtype)
+    return jnp.sum(token_loss * mask, -1) / jnp.maximum(jnp.sum(mask, -1), 1.0)
 
 
 def from_linen(
@@ -44,6 +64,8 @@ def from_linen(
     *,
     input_key: str = "x",
     loss: Callable[[jax.Array, Batch], jax.Array] = cross_entropy,
+    input_dtype=jnp.float32,
+    token_mask: Callable[[Batch], jax.Array] | None = None,
 ) -> Model:
     """Wraps a flax.linen module mapping `batch[input_key]` [B, *input_shape] to logits.
 
@@ -52,8 +74,11 @@ def from_linen(
       input_shape: the shape of ONE example (no batch axis).
       input_key: the batch field fed to the module.
       loss: per-example loss on (logits, batch).
+      input_dtype: the dtype of the dummy input that builds the params
+        (an integer dtype for token ids fed to an embedding).
+      token_mask: for sequence models, see `Model.token_mask`.
     """
-    dummy = jnp.zeros((1, *input_shape), jnp.float32)
+    dummy = jnp.zeros((1, *input_shape), input_dtype)
 
     def init(key):
         return module.init(key, dummy, train=False)["params"]
@@ -62,7 +87,7 @@ def from_linen(
         rngs = None if key is None else {"dropout": key}
         return module.apply({"params": params}, batch[input_key], train=key is not None, rngs=rngs)
 
-    return Model(init=init, apply=apply, loss=loss)
+    return Model(init=init, apply=apply, loss=loss, token_mask=token_mask)
 
 
 def per_example_loss(model: Model, params: Params, batch: Batch, key=None) -> jax.Array:
