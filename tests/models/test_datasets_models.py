@@ -52,9 +52,10 @@ def _adam_losses(model, params, batch, steps=10, lr=0.05):
     return np.asarray(losses)
 
 
-@pytest.mark.parametrize("name,extra", [
-    ("femnist_cnn", {}), ("char_lstm", {}), ("char_lstm", {"per_token": True}),
-    ("text_lstm", {}), ("text_lstm", {"bag_of_words": True}), ("resnet", {}),
+@pytest.mark.parametrize("name,extra", [  # the conv nets' compiles go to the slow tier
+    pytest.param("femnist_cnn", {}, marks=pytest.mark.slow), ("char_lstm", {}),
+    ("char_lstm", {"per_token": True}), ("text_lstm", {}), ("text_lstm", {"bag_of_words": True}),
+    pytest.param("resnet", {}, marks=pytest.mark.slow),
 ])
 def test_shapes_and_training_reduces_loss(name, extra):
     shape, classes, options = TINY[name]
