@@ -7,7 +7,6 @@ full-participation fast path when every client takes part), or is the given
 Client c's key is `fold_in(fold_in(key, 1), c)` either way.
 """
 
-from __future__ import annotations
 
 from typing import NamedTuple
 
