@@ -215,6 +215,7 @@ def test_console_script_reports_errors_without_traceback(tmp_path):
         f"{sorted(fp.ALGORITHMS)}."]
 
 
+@pytest.mark.slow  # fast-tier budget: runs in the slow tier (CI runs both)
 def test_devices_flag_in_a_fresh_process(tmp_path):
     code = ("import sys, jax; from fedjax_pfl.cli import main; "
             "rc = main(sys.argv[1:]); print('devices', jax.device_count()); sys.exit(rc)")

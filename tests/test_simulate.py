@@ -177,6 +177,7 @@ def test_callbacks_and_tensorboard_events(algo, tiny_train, tiny_test, tmp_path)
     assert tags["eval/acc_weighted"] == [0, 2, 4]
 
 
+@pytest.mark.slow  # fast-tier budget: runs in the slow tier (CI runs both)
 def test_killed_run_resumed_is_bit_identical(tmp_path):
     """A real subprocess, killed with SIGKILL after its first checkpoints, then resumed with
     `fedjax-pfl run --resume`, ends with the same files and parameters as an uninterrupted run."""

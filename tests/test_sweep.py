@@ -169,6 +169,7 @@ local_steps = 2
 """
 
 
+@pytest.mark.slow  # fast-tier budget: runs in the slow tier (CI runs both)
 def test_sweep_command_records_a_diverged_point_and_continues(tmp_path, capsys):
     (tmp_path / "s.toml").write_text(TOML)
     out = tmp_path / "out"

@@ -138,6 +138,7 @@ def _protocol(eval_protocol):
     return algo, jax.jit(algo.round), jax.jit(algo.evaluate)
 
 
+@pytest.mark.slow  # fast-tier budget: runs in the slow tier (CI runs both)
 def test_fedfew_evaluation_protocols(tiny_train, tiny_test):
     server, round_fn, evaluate = _protocol("server")
     state = server.init(jax.random.key(0), tiny_train)
