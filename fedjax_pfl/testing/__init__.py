@@ -2,11 +2,20 @@
 
 `naive_round(name, model, state, train, key, **config)` recomputes one round
 of a registered algorithm the slow, obvious way: a Python loop over the
-cohort, one client at a time (each client's local training is unvectorized
-and jitted alone), and the aggregation written out in float64 NumPy. The
-vectorized round must match it; that is what proves vmap / chunking /
-sharding and the aggregation maths correct. The references live in one module
-per algorithm family (`naive_*.py`) and register in `NAIVE_ROUNDS`.
+cohort, one client at a time, each client's local training a Python loop over
+its minibatches with plain SGD written out (`local_reference`), and the
+aggregation written out in float64 NumPy. The vectorized round must match it;
+that proves vmap / chunking / sharding, the local trainer, the parameter splits
+and the aggregation maths correct.
+
+The references are independent of the code they check: no module here imports
+`core.local`, `core.partial`, `core.params`, `core.metagrad`, `core.finetune`,
+`core.kmodels` or `fedjax_pfl.algorithms` (a test parses the sources to keep it
+so). They share with the package only the randomness contract (cohort sampling
+and client keys from `core.sampling`, minibatch draws re-derived from
+`jax.random`, see `local_reference`) and the model (`Model`). The references
+live in one module per algorithm family (`naive_*.py`), register in
+`NAIVE_ROUNDS` and state the factory defaults they read in `DEFAULTS`.
 """
 
 from __future__ import annotations
@@ -21,7 +30,6 @@ from fedjax_pfl.testing.common import (
     check_algorithm_does_not_smoke,
     client_row,
     random_client_data,
-    resolved_config,
 )
 
 NAIVE_ROUNDS = {
@@ -30,6 +38,20 @@ NAIVE_ROUNDS = {
     **naive_partial.NAIVE_ROUNDS,
     **naive_meta.NAIVE_ROUNDS,
 }
+
+DEFAULTS = {
+    **naive_fedavg.DEFAULTS,
+    **naive_kmodels.DEFAULTS,
+    **naive_partial.DEFAULTS,
+    **naive_meta.DEFAULTS,
+}
+
+
+def resolved_config(name: str, **config) -> dict:
+    """`config` over the factory defaults (of the arguments the reference reads)."""
+    if name not in DEFAULTS:
+        raise KeyError(f"name: no naive reference for {name!r}; known: {sorted(DEFAULTS)}.")
+    return {**DEFAULTS[name], **config}
 
 
 def naive_round(name: str, model: Model, state, train: ClientData, key: jax.Array, **config):
@@ -51,8 +73,8 @@ def naive_round(name: str, model: Model, state, train: ClientData, key: jax.Arra
     return NAIVE_ROUNDS[name](model, state, train, key, resolved_config(name, **config))
 
 
-
 __all__ = [
+    "DEFAULTS",
     "NAIVE_ROUNDS",
     "assert_trees_close",
     "check_algorithm_does_not_smoke",

@@ -2,28 +2,12 @@
 
 from __future__ import annotations
 
-import functools
-import inspect
-
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from fedjax_pfl.algorithms import ALGORITHMS
-from fedjax_pfl.algorithms.fedavg import fedavg
-from fedjax_pfl.core import local, sampling
+from fedjax_pfl.core import sampling
 from fedjax_pfl.data.client_data import ClientData
-
-
-def resolved_config(name: str, **config) -> dict:
-    """The factory's keyword arguments with defaults filled in (incl. fedavg's)."""
-    out = {}
-    for factory in (fedavg, ALGORITHMS[name]):
-        for p in inspect.signature(factory).parameters.values():
-            if p.kind is p.KEYWORD_ONLY:
-                out[p.name] = p.default
-    out.update(config)
-    return out
+from fedjax_pfl.testing import local_reference
 
 
 def client_row(data: ClientData, i: int) -> ClientData:
@@ -31,32 +15,51 @@ def client_row(data: ClientData, i: int) -> ClientData:
     return jax.tree.map(lambda a: a[i], data)
 
 
-def cohort(train, key, cohort_size):
+def cohort(train: ClientData, key: jax.Array, cohort_size: int | None):
+    """The round's cohort ids (NumPy) and the base key of its clients' keys.
+
+    Client i's key is `fold_in(client_key, i)`: the package's randomness contract.
+    """
     sample_key, client_key = sampling.round_keys(key)
     ids = np.asarray(sampling.sample_cohort(sample_key, train.num_clients, cohort_size))
     return ids, client_key
 
 
-@functools.lru_cache(maxsize=64)
-def _client_trainer(model, batch_size, local_steps, local_epochs, optimizer, proximal):
-    """ONE client's local training, jitted (no vmap): the loop calls it per client."""
-    schedule = local.LocalSchedule(batch_size, local_steps, local_epochs, optimizer)
-    loss_fn = local.model_loss_fn(model)
+class Clients:
+    """Every client's examples as NumPy arrays: `examples(i)` -> {field: [N, ...]}, `n[i]`."""
 
-    def train(params, row, key, lr, mu, anchor):
-        penalty = None
-        if proximal:
-            penalty = lambda p: 0.5 * mu * sum(
-                jnp.sum((a - b) ** 2) for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(anchor)))
-        return schedule.train(loss_fn, params, row, key, lr, penalty)
+    def __init__(self, train: ClientData):
+        self._examples = {k: np.asarray(v) for k, v in train.examples.items()}
+        self.n = [int(v) for v in np.asarray(train.num_examples)]
+        self.max_examples = train.max_examples
 
-    return jax.jit(train)
+    def examples(self, i: int) -> dict:
+        return {k: v[i] for k, v in self._examples.items()}
 
 
-def train_one(model, cfg, params, row, key, lr, mu=None, anchor=None):
-    trainer = _client_trainer(model, cfg["batch_size"], cfg["local_steps"], cfg["local_epochs"],
-                              cfg["client_optimizer"], mu is not None)
-    return trainer(params, row, key, lr, 0.0 if mu is None else mu, anchor)
+def train_one(model, cfg: dict, params, row: ClientData, key: jax.Array, lr: float,
+              mu: float | None = None, anchor=None) -> local_reference.Run:
+    """ONE client's plain-SGD run on a single-client `row` with `cfg`'s schedule
+    (plus the proximal term mu/2 ||w - anchor||^2 when `mu` is given)."""
+    local_reference.check_sgd(cfg)
+    schedule = local_reference.Schedule.of(cfg["batch_size"], cfg["local_steps"],
+                                           cfg["local_epochs"])
+    examples = {k: np.asarray(v) for k, v in row.examples.items()}
+    prox = None
+    if mu is not None:
+        prox = lambda p: local_reference.sq_dist_grad(mu, p, local_reference.as_numpy(anchor))
+    return local_reference.train_model(model, params, examples, int(row.num_examples), key,
+                                       schedule, lr, prox)
+
+
+def stacked_row(tree, i: int):
+    """Row i of a stacked [M, ...] (or [K, ...]) pytree, as NumPy float32."""
+    return jax.tree.map(lambda a: np.asarray(a[i], np.float32), tree)
+
+
+def stack(rows):
+    """Stacks per-client (or per-model) pytrees on a new leading axis, float32."""
+    return jax.tree.map(lambda *r: np.stack([np.asarray(x, np.float32) for x in r]), *rows)
 
 
 def f64(tree):

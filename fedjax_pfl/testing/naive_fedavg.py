@@ -1,55 +1,79 @@
-"""Naive per-client references of FedAvg, FedProx, FedAvg-FT and Local."""
+"""Naive per-client references of FedAvg, FedProx, FedAvg-FT and Local.
+
+FedAvg (McMahan et al. 2017): each cohort client runs plain SGD from the server
+model w on its own minibatches; the server moves w by the n_i-weighted (or
+uniform over clients with data) mean of the client deltas, times `server_lr`.
+FedProx adds mu/2 ||w_i - w||^2 to every step's objective, i.e. mu (w_i - w) to
+its gradient. FedAvg-FT trains as FedAvg. Local trains each client's own model
+and communicates nothing.
+"""
 
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 
-from fedjax_pfl.core import local
-from fedjax_pfl.testing.common import client_row, cohort, f64, train_one
+from fedjax_pfl.testing.common import Clients, cohort, f64, stack, stacked_row
+from fedjax_pfl.testing.local_reference import (
+    Schedule,
+    as_numpy,
+    check_sgd,
+    server_sgd,
+    sq_dist_grad,
+    train_model,
+)
+
+_SCHEDULE = {"clients_per_round": None, "batch_size": 32, "local_steps": None,
+             "local_epochs": None, "client_optimizer": "sgd"}
+_FEDAVG = {**_SCHEDULE, "server_optimizer": "sgd", "weighting": "num_examples"}
+
+
+def _schedule(cfg) -> Schedule:
+    return Schedule.of(cfg["batch_size"], cfg["local_steps"], cfg["local_epochs"])
 
 
 def _naive_fedavg(model, state, train, key, cfg):
+    check_sgd(cfg)
     ids, client_key = cohort(train, key, cfg["clients_per_round"])
+    clients = Clients(train)
     hp = {k: float(v) for k, v in state.hparams.items()}
-    server = state.params
-    total, weight_sum, loss_num, n_sum = None, 0.0, 0.0, 0.0
+    mu = hp.get("mu")  # FedProx
+    server = as_numpy(state.params)
+    total = jax.tree.map(np.zeros_like, f64(server))
+    weight_sum, loss_num, n_sum = 0.0, 0.0, 0.0
     for i in ids:
-        result = train_one(model, cfg, server, client_row(train, i),
-                           jax.random.fold_in(client_key, i), hp["client_lr"], hp.get("mu"), server)
-        n = float(train.num_examples[i])
-        w = n if cfg["weighting"] == "num_examples" else float(n > 0)
-        delta = jax.tree.map(lambda c, s, w=w: w * (c - s), f64(result.params), f64(server))
-        total = delta if total is None else jax.tree.map(np.add, total, delta)
+        n = clients.n[i]
+        prox = None if mu is None else (lambda p: sq_dist_grad(mu, p, server))
+        run = train_model(model, server, clients.examples(i), n,
+                          jax.random.fold_in(client_key, i), _schedule(cfg), hp["client_lr"],
+                          prox)
+        w = float(n) if cfg["weighting"] == "num_examples" else float(n > 0)
+        total = jax.tree.map(lambda t, c, s, w=w: t + w * (c - s), total, f64(run.params),
+                             f64(server))
         weight_sum += w
-        loss_num += n * float(result.mean_loss())
+        loss_num += n * run.mean_loss()
         n_sum += n
-    mean = jax.tree.map(lambda d: d / weight_sum if weight_sum > 0 else 0 * d, total)
-    opt = local.make_optimizer(cfg["server_optimizer"], hp["server_lr"])
-    updates, opt_state = opt.update(jax.tree.map(lambda d: -jnp.asarray(d, jnp.float32), mean),
-                                    state.opt_state, server)
-    new = state.replace(round=state.round + 1, params=optax.apply_updates(server, updates),
-                        opt_state=opt_state)
+    mean = jax.tree.map(lambda t: t / weight_sum if weight_sum > 0 else 0 * t, total)
+    new = state.replace(round=state.round + 1,
+                        params=server_sgd(cfg, state.hparams, state.params, mean))
     return new, {"train_loss": loss_num / max(n_sum, 1.0)}
 
 
 def _naive_local(model, state, train, key, cfg):
+    check_sgd(cfg)
     ids, client_key = cohort(train, key, cfg["clients_per_round"])
+    clients = Clients(train)
     lr = float(state.hparams["client_lr"])
-    rows = [f64(client_row(state.client_params, i)) for i in range(train.num_clients)]
+    rows = [stacked_row(state.client_params, i) for i in range(train.num_clients)]
     loss_num, n_sum = 0.0, 0.0
     for i in ids:
-        own = client_row(state.client_params, i)
-        result = train_one(model, cfg, own, client_row(train, i),
-                            jax.random.fold_in(client_key, i), lr)
-        rows[i] = f64(result.params)
-        n = float(train.num_examples[i])
-        loss_num += n * float(result.mean_loss())
+        n = clients.n[i]
+        run = train_model(model, rows[i], clients.examples(i), n,
+                          jax.random.fold_in(client_key, i), _schedule(cfg), lr)
+        rows[i] = run.params
+        loss_num += n * run.mean_loss()
         n_sum += n
-    stacked = jax.tree.map(lambda *r: jnp.asarray(np.stack(r), jnp.float32), *rows)
-    new = state.replace(round=state.round + 1, client_params=stacked)
+    new = state.replace(round=state.round + 1, client_params=stack(rows))
     return new, {"train_loss": loss_num / max(n_sum, 1.0)}
 
 
@@ -60,4 +84,11 @@ NAIVE_ROUNDS = {
     "local": _naive_local,
 }
 
-
+# The factory defaults of the arguments each reference reads (checked against the
+# factories' signatures by the test suite).
+DEFAULTS = {
+    "fedavg": _FEDAVG,
+    "fedprox": _FEDAVG,
+    "fedavg_ft": _FEDAVG,
+    "local": _SCHEDULE,
+}

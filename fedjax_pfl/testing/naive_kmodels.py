@@ -1,21 +1,32 @@
 """Naive per-client references of FedFew, IFCA, Ditto and APFL.
 
-Plain Python loops over the cohort (and, for FedFew, over the K models), each
-client's training jitted alone, losses on the UNPADDED rows, and weights and
-aggregation written out in float64 NumPy.
+Plain Python loops over the cohort (and, for FedFew, over the K models) and over
+each client's local steps (plain SGD written out, `local_reference`), losses on
+the UNPADDED rows, and weights and aggregation written out in float64 NumPy.
 """
 
 from __future__ import annotations
 
-import functools
-
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 
-from fedjax_pfl.core import local
-from fedjax_pfl.testing.common import client_row, cohort, f64, train_one
+from fedjax_pfl.testing.common import Clients, cohort, f64, stack, stacked_row
+from fedjax_pfl.testing.local_reference import (
+    Schedule,
+    as_numpy,
+    check_sgd,
+    loss_and_grad,
+    minibatches,
+    server_sgd,
+    sq_dist_grad,
+    train_model,
+    tree_axpy,
+    tree_scale,
+)
+from fedjax_pfl.testing.local_reference import mean_loss as _rows_mean_loss
+
+_COMMON = {"clients_per_round": None, "batch_size": 32, "local_steps": None,
+           "local_epochs": None, "client_optimizer": "sgd", "server_optimizer": "sgd"}
 
 
 def _lse(a, axis=None):
@@ -42,175 +53,163 @@ def stch_weights_reference(losses, num_examples, mu):
 
 
 def _mean_loss(model, params, row) -> float:
-    """Mean loss of `params` on the client's valid rows (0 when it has none)."""
-    n = int(row.num_examples)
-    if n == 0:
-        return 0.0
-    batch = jax.tree.map(lambda a: a[:n], row.examples)
-    return float(np.mean(np.asarray(model.loss(model.apply(params, batch, None), batch),
-                                    np.float64)))
+    """Mean loss of `params` on a client row's valid rows (0 when it has none)."""
+    examples = {k: np.asarray(v) for k, v in row.examples.items()}
+    return _rows_mean_loss(model, params, examples, int(row.num_examples))
 
 
-def _server_step(cfg, hp, state, mean_delta):
-    opt = local.make_optimizer(cfg["server_optimizer"], hp["server_lr"])
-    updates, opt_state = opt.update(jax.tree.map(lambda d: -jnp.asarray(d, jnp.float32),
-                                                 mean_delta), state.opt_state, state.params)
-    return optax.apply_updates(state.params, updates), opt_state
+def _schedule(cfg) -> Schedule:
+    return Schedule.of(cfg["batch_size"], cfg["local_steps"], cfg["local_epochs"])
 
 
-def _stack(rows):
-    return jax.tree.map(lambda *r: np.stack(r), *rows)
+def _stack64(trees):
+    return jax.tree.map(lambda *r: np.stack(r), *trees)
+
+
+def _weighted_mean_delta(pairs, weights):
+    """sum_i w_i (c_i - s) / sum_i w_i over (client, server) pairs (zeros if no weight), f64."""
+    total = jax.tree.map(lambda s: np.zeros(np.shape(s)), pairs[0][1])
+    for (c, s), w in zip(pairs, weights):
+        total = jax.tree.map(lambda t, a, b, w=w: t + w * (a - b), total, f64(c), f64(s))
+    weight_sum = float(sum(weights))
+    return jax.tree.map(lambda t: t / weight_sum if weight_sum > 0 else 0 * t, total)
 
 
 def _naive_fedfew(model, state, train, key, cfg):
+    check_sgd(cfg)
     ids, client_key = cohort(train, key, cfg["clients_per_round"])
+    clients = Clients(train)
     hp = {k: float(v) for k, v in state.hparams.items()}
-    num_models = cfg["num_models"]
-    servers = [client_row(state.params, k) for k in range(num_models)]
+    num_models, schedule = cfg["num_models"], _schedule(cfg)
+    servers = [stacked_row(state.params, k) for k in range(num_models)]
     losses = np.zeros((len(ids), num_models))
     deltas = []
     for s, i in enumerate(ids):
-        row, key_i = client_row(train, i), jax.random.fold_in(client_key, i)
+        examples, n, key_i = clients.examples(i), clients.n[i], jax.random.fold_in(client_key, i)
         deltas.append([])
         for k in range(num_models):
+            # every copy its own minibatch order (or all the client's order)
             key_ik = jax.random.fold_in(key_i, k) if cfg["per_model_orders"] else key_i
-            result = train_one(model, cfg, servers[k], row, key_ik, hp["client_lr"])
+            run = train_model(model, servers[k], examples, n, key_ik, schedule, hp["client_lr"])
             if cfg["loss_at"] == "received":
-                losses[s, k] = _mean_loss(model, servers[k], row)
-            else:
-                steps = len(result.losses)
-                epochs = cfg["local_epochs"] or 1
-                last = steps if cfg["local_steps"] is not None else steps // epochs
-                l_, c_ = (np.asarray(a, np.float64)[-last:] for a in (result.losses, result.counts))
-                losses[s, k] = (l_ * c_).sum() / max(c_.sum(), 1.0)
-            deltas[-1].append(jax.tree.map(np.subtract, f64(result.params), f64(servers[k])))
-    n = np.asarray(train.num_examples, np.float64)[ids]
+                losses[s, k] = _rows_mean_loss(model, servers[k], examples, n)
+            else:  # the mean minibatch loss of the last epoch (all steps in step mode)
+                steps = len(run.losses)
+                last = steps if schedule.epochs is None else steps // schedule.epochs
+                losses[s, k] = run.mean_loss(last)
+            deltas[-1].append(jax.tree.map(np.subtract, f64(run.params), f64(servers[k])))
+    n = np.asarray([clients.n[i] for i in ids], np.float64)
     w, alpha = stch_weights_reference(losses, n, hp["mu"])
     mean = []
-    for k in range(num_models):
+    for k in range(num_models):  # theta_k + sum_i alpha_i w_ik (theta_ik - theta_k)
         terms = [jax.tree.map(lambda d, c=alpha[s] * w[s, k]: c * d, deltas[s][k])
                  for s in range(len(ids))]
         mean.append(jax.tree.map(lambda *t: np.sum(t, axis=0), *terms))
-    params, opt_state = _server_step(cfg, hp, state, _stack(mean))
-    new = state.replace(round=state.round + 1, params=params, opt_state=opt_state,
+    new = state.replace(round=state.round + 1,
+                        params=server_sgd(cfg, state.hparams, state.params, _stack64(mean)),
                         last_params=state.params, last_key=jax.random.key_data(key),
                         last_cohort=np.isin(np.arange(train.num_clients), ids))
     return new, {"train_loss": float((n * losses.min(1)).sum() / max(n.sum(), 1.0))}
 
 
 def _naive_ifca(model, state, train, key, cfg):
+    check_sgd(cfg)
     ids, client_key = cohort(train, key, cfg["clients_per_round"])
+    clients = Clients(train)
     hp = {k: float(v) for k, v in state.hparams.items()}
     num_models = cfg["num_models"]
-    servers = [client_row(state.params, k) for k in range(num_models)]
-    totals = [None] * num_models
-    weights = np.zeros(num_models)
+    servers = [stacked_row(state.params, k) for k in range(num_models)]
+    chosen = [[] for _ in range(num_models)]  # (client model, weight n_i) per model
     loss_num, n_sum = 0.0, 0.0
     for i in ids:
-        row = client_row(train, i)
-        choice = int(np.argmin([_mean_loss(model, p, row) for p in servers]))
-        result = train_one(model, cfg, servers[choice], row, jax.random.fold_in(client_key, i),
-                           hp["client_lr"])
-        n = float(train.num_examples[i])
-        delta = jax.tree.map(lambda c, s, n=n: n * (c - s), f64(result.params),
-                             f64(servers[choice]))
-        totals[choice] = delta if totals[choice] is None else jax.tree.map(
-            np.add, totals[choice], delta)
-        weights[choice] += n
-        loss_num += n * float(result.mean_loss())
+        examples, n = clients.examples(i), clients.n[i]
+        # the received model of lowest training loss (ties: the lowest index)
+        choice = int(np.argmin([_rows_mean_loss(model, p, examples, n) for p in servers]))
+        run = train_model(model, servers[choice], examples, n,
+                          jax.random.fold_in(client_key, i), _schedule(cfg), hp["client_lr"])
+        chosen[choice].append((run.params, float(n)))
+        loss_num += n * run.mean_loss()
         n_sum += n
-    zero = jax.tree.map(lambda a: np.zeros(a.shape), servers[0])
-    mean = [jax.tree.map(lambda t, k=k: t / weights[k], totals[k]) if weights[k] > 0 else zero
+    mean = [_weighted_mean_delta([(c, servers[k]) for c, _ in chosen[k]],
+                                 [w for _, w in chosen[k]]) if chosen[k]
+            else jax.tree.map(lambda a: np.zeros(np.shape(a)), servers[k])
             for k in range(num_models)]
-    params, opt_state = _server_step(cfg, hp, state, _stack(mean))
-    new = state.replace(round=state.round + 1, params=params, opt_state=opt_state)
+    new = state.replace(round=state.round + 1,
+                        params=server_sgd(cfg, state.hparams, state.params, _stack64(mean)))
     return new, {"train_loss": loss_num / max(n_sum, 1.0)}
 
 
 def _naive_ditto(model, state, train, key, cfg):
+    check_sgd(cfg)
     ids, client_key = cohort(train, key, cfg["clients_per_round"])
+    clients = Clients(train)
     hp = {k: float(v) for k, v in state.hparams.items()}
-    server = state.params
-    personal = [f64(client_row(state.client_params, i)) for i in range(train.num_clients)]
-    total, weight_sum, loss_num = None, 0.0, 0.0
+    server = as_numpy(state.params)
+    personal = [stacked_row(state.client_params, i) for i in range(train.num_clients)]
+    pairs, weights, loss_num = [], [], 0.0
     for i in ids:
-        row, key_i = client_row(train, i), jax.random.fold_in(client_key, i)
-        result = train_one(model, cfg, server, row, key_i, hp["client_lr"])
-        own = client_row(state.client_params, i)
-        personal[i] = f64(train_one(model, cfg, own, row, jax.random.fold_in(key_i, 1),
-                                    hp["personal_lr"], hp["lam"], server).params)
-        n = float(train.num_examples[i])
-        delta = jax.tree.map(lambda c, s, n=n: n * (c - s), f64(result.params), f64(server))
-        total = delta if total is None else jax.tree.map(np.add, total, delta)
-        weight_sum += n
-        loss_num += n * float(result.mean_loss())
-    mean = jax.tree.map(lambda d: d / weight_sum if weight_sum > 0 else 0 * d, total)
-    params, opt_state = _server_step(cfg, hp, state, mean)
-    stacked = jax.tree.map(lambda r: jnp.asarray(r, jnp.float32), _stack(personal))
-    new = state.replace(round=state.round + 1, params=params, opt_state=opt_state,
-                        client_params=stacked)
-    return new, {"train_loss": loss_num / max(weight_sum, 1.0)}
+        examples, n, key_i = clients.examples(i), clients.n[i], jax.random.fold_in(client_key, i)
+        # (1) the global copy, exactly FedAvg's client
+        run = train_model(model, server, examples, n, key_i, _schedule(cfg), hp["client_lr"])
+        # (2) the personal model on f_i(v) + lam/2 ||v - w||^2, its own minibatch order
+        personal[i] = train_model(model, personal[i], examples, n, jax.random.fold_in(key_i, 1),
+                                  _schedule(cfg), hp["personal_lr"],
+                                  lambda v: sq_dist_grad(hp["lam"], v, server)).params
+        pairs.append((run.params, server))
+        weights.append(float(n))
+        loss_num += n * run.mean_loss()
+    mean = _weighted_mean_delta(pairs, weights)
+    new = state.replace(round=state.round + 1,
+                        params=server_sgd(cfg, state.hparams, state.params, mean),
+                        client_params=stack(personal))
+    return new, {"train_loss": loss_num / max(sum(weights), 1.0)}
 
 
-@functools.lru_cache(maxsize=16)
-def _apfl_step(model):
-    """One APFL step of ONE client with explicit gradients (plain SGD), jitted alone."""
-
-    def loss(p, batch, weights, key):
-        return jnp.sum(weights * model.loss(model.apply(p, batch, key), batch))
-
-    def step(w, v, a, batch, weights, key, lr, alpha_lr):
-        data_loss, g_w = jax.value_and_grad(loss)(w, batch, weights, key)
-        mixed = jax.tree.map(lambda vi, wi: a * vi + (1 - a) * wi, v, w)
-        g_mix = jax.grad(loss)(mixed, batch, weights, key)
-        g_a = sum(jnp.sum((vi - wi) * g) for vi, wi, g in zip(
-            jax.tree.leaves(v), jax.tree.leaves(w), jax.tree.leaves(g_mix)))
-        new_w = jax.tree.map(lambda p, g: p - lr * g, w, g_w)
-        new_v = jax.tree.map(lambda p, g: p - lr * a * g, v, g_mix)
-        return new_w, new_v, jnp.clip(a - alpha_lr * g_a, 0.0, 1.0), data_loss
-
-    return jax.jit(step)
+def _mix(a, v, w):
+    """a v + (1 - a) w, leaf by leaf (float32)."""
+    return jax.tree.map(lambda vi, wi: np.float32(a) * vi + np.float32(1 - a) * wi, v, w)
 
 
 def _naive_apfl(model, state, train, key, cfg):
-    if cfg["client_optimizer"] != "sgd":
-        raise ValueError("client_optimizer: the naive APFL reference supports only 'sgd'.")
+    check_sgd(cfg)
     ids, client_key = cohort(train, key, cfg["clients_per_round"])
+    clients = Clients(train)
     hp = {k: float(v) for k, v in state.hparams.items()}
-    server = state.params
-    personal = [client_row(state.client_params, i) for i in range(train.num_clients)]
+    server = as_numpy(state.params)
+    personal = [stacked_row(state.client_params, i) for i in range(train.num_clients)]
     alphas = np.asarray(state.client_alpha, np.float32).copy()
-    step = _apfl_step(model)
-    total, weight_sum, loss_num = None, 0.0, 0.0
+    schedule, lr = _schedule(cfg), hp["client_lr"]
+    pairs, weights, loss_num = [], [], 0.0
     for i in ids:
-        row = client_row(train, i)
+        examples, n = clients.examples(i), clients.n[i]
         plan_key, step_key = jax.random.split(jax.random.fold_in(client_key, i))
-        idx, bw = local.batch_plan(plan_key, row.num_examples, train.max_examples,
-                                   batch_size=cfg["batch_size"], local_steps=cfg["local_steps"],
-                                   local_epochs=None if cfg["local_steps"] is not None
-                                   else (cfg["local_epochs"] or 1))
-        keys = jax.random.split(step_key, idx.shape[0])
-        w, v, a = server, personal[i], jnp.float32(alphas[i])
-        num, den = 0.0, 0.0
-        for t in range(idx.shape[0]):
-            count = float(np.sum(np.asarray(bw[t]) > 0))
-            if count == 0:
+        steps = minibatches(plan_key, n, clients.max_examples, schedule)
+        step_keys = jax.random.split(step_key, len(steps))
+        w, v, a = server, personal[i], float(alphas[i])
+        num, den = 0.0, 0
+        for rows, k in zip(steps, step_keys):
+            if len(rows) == 0:
                 continue
-            batch = jax.tree.map(lambda x, rows=idx[t]: x[rows], row.examples)
-            w, v, a, data_loss = step(w, v, a, batch, bw[t], keys[t], hp["client_lr"],
-                                      hp["alpha_lr"])
-            num, den = num + count * float(data_loss), den + count
-        personal[i], alphas[i] = v, float(a)
-        n = float(train.num_examples[i])
-        delta = jax.tree.map(lambda c, s, n=n: n * (c - s), f64(w), f64(server))
-        total = delta if total is None else jax.tree.map(np.add, total, delta)
-        weight_sum += n
-        loss_num += n * num / max(den, 1.0)
-    mean = jax.tree.map(lambda d: d / weight_sum if weight_sum > 0 else 0 * d, total)
-    params, opt_state = _server_step(cfg, hp, state, mean)
-    new = state.replace(round=state.round + 1, params=params, opt_state=opt_state,
-                        client_params=_stack(personal), client_alpha=jnp.asarray(alphas))
-    return new, {"train_loss": loss_num / max(weight_sum, 1.0)}
+            # all three gradients at the step's starting point, on the same minibatch
+            loss_w, g_w = loss_and_grad(model, w, examples, rows, k)
+            mixed = _mix(a, v, w)
+            _, g_mix = loss_and_grad(model, mixed, examples, rows, k)
+            g_a = sum(float(np.sum((np.asarray(vi, np.float64) - wi) * g))
+                      for vi, wi, g in zip(jax.tree.leaves(v), jax.tree.leaves(w),
+                                           jax.tree.leaves(g_mix)))
+            w = tree_axpy(-lr, g_w, w)
+            v = tree_axpy(-lr, tree_scale(a, g_mix), v)
+            a = float(np.clip(a - hp["alpha_lr"] * g_a, 0.0, 1.0))
+            num, den = num + len(rows) * loss_w, den + len(rows)
+        personal[i], alphas[i] = v, a
+        pairs.append((w, server))
+        weights.append(float(n))
+        loss_num += n * (num / den if den else 0.0)
+    mean = _weighted_mean_delta(pairs, weights)
+    new = state.replace(round=state.round + 1,
+                        params=server_sgd(cfg, state.hparams, state.params, mean),
+                        client_params=stack(personal), client_alpha=alphas)
+    return new, {"train_loss": loss_num / max(sum(weights), 1.0)}
 
 
 NAIVE_ROUNDS = {
@@ -218,4 +217,11 @@ NAIVE_ROUNDS = {
     "ifca": _naive_ifca,
     "ditto": _naive_ditto,
     "apfl": _naive_apfl,
+}
+
+DEFAULTS = {
+    "fedfew": {**_COMMON, "num_models": 3, "loss_at": "last_epoch", "per_model_orders": True},
+    "ifca": {**_COMMON, "num_models": 3},
+    "ditto": _COMMON,
+    "apfl": _COMMON,
 }

@@ -1,118 +1,109 @@
 """Naive per-client references of nu-step meta-FL, Per-FedAvg and pFedMe.
 
-Each client is trained alone (jitted, no vmap) with plain Python loops over the
-local steps and the nu inner steps (unrolled at trace time, no `lax.scan`); the
-exact meta-gradient is the explicit backward recursion of Hessian-vector
-products (`jax.jvp` of the gradient), not autodiff through the unroll. The
-server average is written out in float64 NumPy. Minibatch indices come from
-`meta_fl.meta_batches` / `local.batch_plan` (the randomness contract).
+Plain Python loops over the cohort, the local steps and the nu inner steps. The
+exact meta-gradient is the explicit backward recursion
+  v <- g = grad f(w^(nu); D'),  v <- v - alpha H(w^(j); D''_j) v  for j = nu-1 .. 0
+with Hessian-vector products (`jax.jvp` of the gradient of ONE batch's loss), not
+autodiff through the unroll; "hf" replaces H v by central differences of the
+gradient, "fo" drops the factors. The server average is float64 NumPy.
+
+Minibatches (the randomness contract, re-derived from `jax.random`): the outer
+batches D' are a local run's (`local_reference.minibatches` with the plan half of
+the client key); with the step half s, the k-th NON-EMPTY step draws its nu inner
+batches D_j as `randint(fold_in(fold_in(s, 0), k), (nu, B_in), 0, max(n, 1))` and
+its Hessian batches D''_j from `fold_in(fold_in(s, 1), k)` (or reuses D_j, MAML's
+"shared"). pFedMe's R steps use `minibatches` with the client key itself.
 """
 
 from __future__ import annotations
 
-import functools
-
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from fedjax_pfl.algorithms.meta_fl import meta_batches
-from fedjax_pfl.core import local
-from fedjax_pfl.testing.common import client_row, cohort, f64
+from fedjax_pfl.testing.common import Clients, cohort, f64, stack, stacked_row
+from fedjax_pfl.testing.local_reference import (
+    Schedule,
+    as_numpy,
+    check_sgd,
+    hessian_vector,
+    loss_and_grad,
+    minibatches,
+    tree_axpy,
+)
+
+_META = {"clients_per_round": None, "nu": 1, "mode": "exact", "batch_size": 32,
+         "inner_batch_size": None, "hessian_batch_size": None, "local_steps": 10,
+         "local_epochs": None, "client_optimizer": "sgd", "hessian_batches": "independent",
+         "aggregation": "mean"}
+_PFEDME = {"clients_per_round": None, "inner_steps": 5, "batch_size": 20, "local_steps": 20,
+           "local_epochs": None, "weighting": "num_examples"}
 
 
-def _axpy(a, x, y):
-    """y + a x over pytrees."""
-    return jax.tree.map(lambda xi, yi: yi + a * xi, x, y)
+def _server_average(server, clients, weights):
+    """server + sum_i w_i (c_i - server) / sum_i w_i (no move without weight), float64."""
+    total = jax.tree.map(lambda s: np.zeros(np.shape(s)), server)
+    for c, w in zip(clients, weights):
+        total = jax.tree.map(lambda t, a, b, w=w: t + w * (a - b), total, f64(c), f64(server))
+    weight_sum = float(sum(weights))
+    return jax.tree.map(lambda s, t: s + (t / weight_sum if weight_sum > 0 else 0 * t),
+                        f64(server), total)
 
 
-def _where(cond, new, old):
-    return jax.tree.map(lambda a, b: jnp.where(cond, a, b), new, old)
-
-
-def _accumulate(total, weight, client, server):
-    """total + weight (client - server), float64."""
-    return jax.tree.map(lambda t, c, s: t + weight * (c - s), total, client, server)
-
-
-@functools.lru_cache(maxsize=32)
-def _meta_trainer(model, cfg_items):
-    cfg = dict(cfg_items)
-    loss_fn = local.model_loss_fn(model)
+def _meta_client(model, params, examples, n, max_examples, key, cfg, hp):
+    """ONE client's tau meta steps: (trained params, row-weighted mean outer loss)."""
     nu, mode, shared = cfg["nu"], cfg["mode"], cfg["hessian_batches"] == "shared"
     b_in = cfg["inner_batch_size"] or cfg["batch_size"]
     b_h = cfg["hessian_batch_size"] or cfg["batch_size"]
-    schedule = local.LocalSchedule(cfg["batch_size"], cfg["local_steps"], cfg["local_epochs"])
-
-    def train(params, row, key, beta, alpha, delta):
-        rows = row.examples["x"].shape[0]
-        out_idx, out_w, in_idx, h_idx = meta_batches(
-            key, row.num_examples, rows, nu=nu, batch_size=cfg["batch_size"],
-            inner_batch_size=b_in, hessian_batch_size=b_h, local_steps=schedule.local_steps,
-            local_epochs=schedule.epochs, shared_hessian=shared)
-        optimizer = local.make_optimizer(cfg["client_optimizer"], beta)
-        opt_state = optimizer.init(params)
-
-        def loss(p, idx, w):
-            batch = jax.tree.map(lambda a: a[idx], row.examples)
-            return jnp.sum(w * loss_fn(p, batch, None))
-
-        grad = jax.grad(loss)
-        losses, counts = [], []
-        for t in range(out_idx.shape[0]):
-            mean_in = jnp.full((b_in,), 1.0 / b_in)
-            mean_h = jnp.full((b_h,), 1.0 / b_h)
-            iterates = [params]
-            for j in range(nu):
-                iterates.append(_axpy(-alpha, grad(iterates[-1], in_idx[t, j], mean_in),
-                                      iterates[-1]))
-            value = loss(iterates[-1], out_idx[t], out_w[t])
-            v = grad(iterates[-1], out_idx[t], out_w[t])
-            if mode != "fo":
-                for j in reversed(range(nu)):
-                    hess_idx = in_idx[t, j] if shared else h_idx[t, j]
-                    hess_w = mean_in if shared else mean_h
-                    g = lambda p, i=hess_idx, w=hess_w: grad(p, i, w)
-                    if mode == "exact":
-                        hv = jax.jvp(g, (iterates[j],), (v,))[1]
-                    else:
-                        hv = jax.tree.map(lambda a, b: (a - b) / (2 * delta),
-                                          g(_axpy(delta, v, iterates[j])),
-                                          g(_axpy(-delta, v, iterates[j])))
-                    v = _axpy(-alpha, hv, v)
-            updates, new_state = optimizer.update(v, opt_state, params)
-            count = jnp.sum(out_w[t] > 0)
-            params = _where(count > 0, jax.tree.map(jnp.add, params, updates), params)
-            opt_state = _where(count > 0, new_state, opt_state)
-            losses.append(value)
-            counts.append(count.astype(jnp.float32))
-        losses, counts = jnp.stack(losses), jnp.stack(counts)
-        return params, jnp.sum(losses * counts) / jnp.maximum(jnp.sum(counts), 1.0)
-
-    return jax.jit(train)
+    alpha, beta, delta = hp["inner_lr"], hp["client_lr"], hp["delta"]
+    schedule = Schedule.of(cfg["batch_size"], cfg["local_steps"], cfg["local_epochs"])
+    plan_key, step_key = jax.random.split(key)
+    inner_key, hess_key = jax.random.fold_in(step_key, 0), jax.random.fold_in(step_key, 1)
+    grad = lambda p, rows: loss_and_grad(model, p, examples, rows)
+    num, den, k = 0.0, 0, 0
+    for outer in minibatches(plan_key, n, max_examples, schedule):
+        if len(outer) == 0:
+            continue  # an empty step is a no-op (and does not count in k)
+        high = max(n, 1)
+        inner = np.asarray(jax.random.randint(jax.random.fold_in(inner_key, k), (nu, b_in), 0,
+                                              high))
+        hess = inner if shared else np.asarray(jax.random.randint(
+            jax.random.fold_in(hess_key, k), (nu, b_h), 0, high))
+        k += 1
+        iterates = [params]  # w^(0) .. w^(nu): nu SGD steps with alpha on D_0 .. D_{nu-1}
+        for j in range(nu):
+            iterates.append(tree_axpy(-alpha, grad(iterates[-1], inner[j])[1], iterates[-1]))
+        value, v = grad(iterates[-1], outer)
+        if mode != "fo":
+            for j in reversed(range(nu)):  # v <- (I - alpha H(w^(j); D''_j)) v
+                if mode == "exact":
+                    hv = hessian_vector(model, iterates[j], v, examples, hess[j])
+                else:
+                    g_plus = grad(tree_axpy(delta, v, iterates[j]), hess[j])[1]
+                    g_minus = grad(tree_axpy(-delta, v, iterates[j]), hess[j])[1]
+                    hv = jax.tree.map(lambda a, b: (a - b) / (2 * delta), g_plus, g_minus)
+                v = tree_axpy(-alpha, hv, v)
+        params = tree_axpy(-beta, v, params)  # plain SGD with beta on the meta-gradient
+        num, den = num + len(outer) * value, den + len(outer)
+    return params, (num / den if den else 0.0)
 
 
 def _naive_meta_fl(model, state, train, key, cfg):
+    check_sgd(cfg)
     ids, client_key = cohort(train, key, cfg["clients_per_round"])
+    clients = Clients(train)
     hp = {k: float(v) for k, v in state.hparams.items()}
-    keys = ("nu", "mode", "hessian_batches", "inner_batch_size", "hessian_batch_size",
-            "batch_size", "local_steps", "local_epochs", "client_optimizer")
-    trainer = _meta_trainer(model, tuple((k, cfg[k]) for k in keys))
-    server = f64(state.params)
-    total = jax.tree.map(np.zeros_like, server)
-    weight_sum, loss_num, n_sum = 0.0, 0.0, 0.0
+    server = as_numpy(state.params)
+    trained, weights, loss_num, n_sum = [], [], 0.0, 0.0
     for i in ids:
-        params, loss = trainer(state.params, client_row(train, i),
-                               jax.random.fold_in(client_key, i), hp["client_lr"],
-                               hp["inner_lr"], hp["delta"])
-        n = float(train.num_examples[i])
-        w = n if cfg["aggregation"] == "weighted" else float(n > 0)
-        total = _accumulate(total, w, f64(params), server)
-        weight_sum += w
-        loss_num += n * float(loss)
+        n = clients.n[i]
+        params, loss = _meta_client(model, server, clients.examples(i), n, clients.max_examples,
+                                    jax.random.fold_in(client_key, i), cfg, hp)
+        trained.append(params)
+        weights.append(float(n) if cfg["aggregation"] == "weighted" else float(n > 0))
+        loss_num += n * loss
         n_sum += n
-    params = jax.tree.map(lambda s, t: jnp.asarray(s + (t / weight_sum if weight_sum else 0 * t),
-                                                   jnp.float32), server, total)
+    params = jax.tree.map(lambda a: np.asarray(a, np.float32),
+                          _server_average(server, trained, weights))
     new = state.replace(round=state.round + 1, params=params)
     return new, {"train_loss": loss_num / max(n_sum, 1.0)}
 
@@ -121,63 +112,52 @@ def _naive_per_fedavg(model, state, train, key, cfg):
     return _naive_meta_fl(model, state, train, key, {**cfg, "nu": 1})
 
 
-@functools.lru_cache(maxsize=32)
-def _pfedme_trainer(model, batch_size, local_steps, local_epochs, inner_steps):
-    loss_fn = local.model_loss_fn(model)
-    schedule = local.LocalSchedule(batch_size, local_steps, local_epochs)
-
-    def train(params, personal, row, key, hp):
-        rows = row.examples["x"].shape[0]
-        idx, weights = local.batch_plan(key, row.num_examples, rows, batch_size=batch_size,
-                                        local_steps=schedule.local_steps,
-                                        local_epochs=schedule.epochs)
-        w_local, theta, losses, counts = params, params, [], []
-        for t in range(idx.shape[0]):
-            batch = jax.tree.map(lambda a, i=idx[t]: a[i], row.examples)
-            data_loss = lambda p, b=batch, w=weights[t]: jnp.sum(w * loss_fn(p, b, None))
-            th = theta
-            for _ in range(inner_steps):
-                g = jax.grad(data_loss)(th)
-                prox = jax.tree.map(lambda a, b: hp["lam"] * (a - b), th, w_local)
-                th = _axpy(-hp["personal_lr"], jax.tree.map(jnp.add, g, prox), th)
-            wl = _axpy(-hp["client_lr"] * hp["lam"], jax.tree.map(jnp.subtract, w_local, th),
-                       w_local)
-            count = jnp.sum(weights[t] > 0)
-            w_local, theta = _where(count > 0, wl, w_local), _where(count > 0, th, theta)
-            losses.append(data_loss(th))
-            counts.append(count.astype(jnp.float32))
-        losses, counts = jnp.stack(losses), jnp.stack(counts)
-        stepped = jnp.sum(counts) > 0
-        theta = jax.tree.map(lambda a, b: jnp.where(stepped, a, b), theta, personal)
-        return w_local, theta, jnp.sum(losses * counts) / jnp.maximum(jnp.sum(counts), 1.0)
-
-    return jax.jit(train)
+def _pfedme_client(model, params, personal, examples, n, max_examples, key, cfg, hp):
+    """ONE client's R pFedMe steps: (local copy w_i, personal theta_i, mean loss)."""
+    schedule = Schedule.of(cfg["batch_size"], cfg["local_steps"], cfg["local_epochs"])
+    lam = hp["lam"]
+    w_local, theta = params, params  # both start at the global model
+    num, den = 0.0, 0
+    for rows in minibatches(key, n, max_examples, schedule):  # the client key itself
+        if len(rows) == 0:
+            continue
+        for _ in range(cfg["inner_steps"]):
+            # theta <- theta - eta_p (grad f(theta; D) + lam (theta - w_i))
+            g = loss_and_grad(model, theta, examples, rows)[1]
+            g = jax.tree.map(lambda gt, t, wl: gt + lam * (t - wl), g, theta, w_local)
+            theta = tree_axpy(-hp["personal_lr"], g, theta)
+        # w_i <- w_i - eta lam (w_i - theta)
+        w_local = tree_axpy(-hp["client_lr"] * lam,
+                            jax.tree.map(np.subtract, w_local, theta), w_local)
+        loss = loss_and_grad(model, theta, examples, rows)[0]
+        num, den = num + len(rows) * loss, den + len(rows)
+    if den == 0:  # a client that never stepped keeps its stored personal model
+        theta = personal
+    return w_local, theta, (num / den if den else 0.0)
 
 
 def _naive_pfedme(model, state, train, key, cfg):
     ids, client_key = cohort(train, key, cfg["clients_per_round"])
-    trainer = _pfedme_trainer(model, cfg["batch_size"], cfg["local_steps"], cfg["local_epochs"],
-                              cfg["inner_steps"])
-    server = f64(state.params)
-    total = jax.tree.map(np.zeros_like, server)
-    rows = [f64(client_row(state.client_params, i)) for i in range(train.num_clients)]
-    weight_sum, loss_num, n_sum = 0.0, 0.0, 0.0
+    clients = Clients(train)
+    hp = {k: float(v) for k, v in state.hparams.items()}
+    server = as_numpy(state.params)
+    rows = [stacked_row(state.client_params, i) for i in range(train.num_clients)]
+    local_copies, weights, loss_num, n_sum = [], [], 0.0, 0.0
     for i in ids:
-        w_local, theta, loss = trainer(state.params, client_row(state.client_params, i),
-                                       client_row(train, i), jax.random.fold_in(client_key, i),
-                                       state.hparams)
-        rows[i] = f64(theta)
-        n = float(train.num_examples[i])
-        w = n if cfg["weighting"] == "num_examples" else float(n > 0)
-        total = _accumulate(total, w, f64(w_local), server)
-        weight_sum += w
-        loss_num += n * float(loss)
+        n = clients.n[i]
+        w_local, rows[i], loss = _pfedme_client(model, server, rows[i], clients.examples(i), n,
+                                                clients.max_examples,
+                                                jax.random.fold_in(client_key, i), cfg, hp)
+        local_copies.append(w_local)
+        weights.append(float(n) if cfg["weighting"] == "num_examples" else float(n > 0))
+        loss_num += n * loss
         n_sum += n
-    beta = float(state.hparams["beta"])
-    params = jax.tree.map(lambda s, t: jnp.asarray(
-        s + beta * (t / weight_sum if weight_sum else 0 * t), jnp.float32), server, total)
-    stacked = jax.tree.map(lambda *r: jnp.asarray(np.stack(r), jnp.float32), *rows)
-    new = state.replace(round=state.round + 1, params=params, client_params=stacked)
+    # w <- (1 - beta) w + beta sum_i p_i w_i  =  w + beta (mean_i w_i - w)
+    mean = _server_average(server, local_copies, weights)
+    beta = hp["beta"]
+    params = jax.tree.map(lambda s, m: np.asarray(s + beta * (m - s), np.float32), f64(server),
+                          mean)
+    new = state.replace(round=state.round + 1, params=params, client_params=stack(rows))
     return new, {"train_loss": loss_num / max(n_sum, 1.0)}
 
 
@@ -185,4 +165,10 @@ NAIVE_ROUNDS = {
     "meta_fl": _naive_meta_fl,
     "per_fedavg": _naive_per_fedavg,
     "pfedme": _naive_pfedme,
+}
+
+DEFAULTS = {
+    "meta_fl": _META,
+    "per_fedavg": {**{k: v for k, v in _META.items() if k != "nu"}, "mode": "hf"},
+    "pfedme": _PFEDME,
 }

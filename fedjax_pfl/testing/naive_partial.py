@@ -1,8 +1,14 @@
 """Naive per-client references of FedAlt, FedSim, FedRep, FedPer and FedAPM.
 
-A Python loop over the cohort; each phase of each client is jitted alone (no
-vmap) with its penalties written out leaf by leaf; duals, drift and the server
-averages are computed in float64 NumPy.
+The model's params are split into a personal block v (per client) and a shared
+block u by their "/"-joined leaf paths (`local_reference.Blocks`: top-level
+module names, a regex or a predicate). A Python loop over the cohort runs each
+phase as plain SGD over the phase's minibatches: the gradient of the data loss of
+the merged params, restricted to the trained block, plus the penalties'
+gradients in closed form. Duals, drift and the server averages are float64 NumPy.
+
+Keys: client i's personal phase uses `fold_in(key_i, 0)`, its shared (or joint)
+phase `fold_in(key_i, 1)`.
 """
 
 from __future__ import annotations
@@ -10,57 +16,49 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from fedjax_pfl.core import local
-from fedjax_pfl.core.partial import model_partition
-from fedjax_pfl.testing.common import client_row, cohort, f64
+from fedjax_pfl.testing.common import Clients, cohort, f64, stack, stacked_row
+from fedjax_pfl.testing.local_reference import (
+    Blocks,
+    Schedule,
+    as_numpy,
+    check_sgd,
+    loss_and_grad,
+    sgd,
+    sq_dist_grad,
+    tree_add,
+    tree_scale,
+)
+
+_PARTIAL = {"clients_per_round": None, "batch_size": 32, "local_steps": None,
+            "local_epochs": None, "client_optimizer": "sgd", "weighting": "num_examples"}
+_ALTERNATING = {**_PARTIAL, "personal_steps": None, "personal_epochs": None}
 
 
-def _sum_sq(a, b=None):
-    pairs = zip(jax.tree.leaves(a), jax.tree.leaves(b) if b is not None else [None] * 999)
-    return sum(jnp.sum((x - (0.0 if y is None else y)) ** 2) for x, y in pairs)
+def _phase(model, blocks, examples, n, max_examples, key, schedule, lr, start, trained,
+           frozen=None, scale=1.0, penalty_grad=None):
+    """Plain SGD of one block ("personal", "shared" or "joint" = (v, u)) of one client.
 
-
-@functools.lru_cache(maxsize=64)
-def _trainer(model, personal, phase, batch_size, local_steps, local_epochs, optimizer):
-    """ONE client's `phase` ("personal", "shared" or "joint"), jitted alone."""
-    part = model_partition(model, personal)
-    schedule = local.LocalSchedule(batch_size, local_steps, local_epochs, optimizer)
-    loss_fn = local.model_loss_fn(model)
-
-    def train(block, other, row, key, lr, scale, wd, prox, anchor, dual):
-        if phase == "personal":
-            merge = lambda p: part.merge(p, other)
-            penalty = lambda p: scale * wd / 2 * _sum_sq(p) + prox / 2 * _sum_sq(p, anchor)
-        elif phase == "shared":
-            merge = lambda p: part.merge(other, p)
-            penalty = lambda p: (scale * wd / 2 * _sum_sq(p) + prox / 2 * _sum_sq(p, anchor)
-                                 + sum(jnp.sum(d * (x - a)) for d, x, a in zip(
-                                     jax.tree.leaves(dual), jax.tree.leaves(p),
-                                     jax.tree.leaves(anchor))))
+    The step objective is scale * f(merged params) + penalty; the recorded losses are f's.
+    """
+    def data_grad(block, rows, step_key):
+        if trained == "personal":
+            params = blocks.merge(block, frozen)
+        elif trained == "shared":
+            params = blocks.merge(frozen, block)
         else:
-            merge = lambda p: part.merge(*p)
-            penalty = None
-        fn = lambda p, batch, k: scale * loss_fn(merge(p), batch, k)
-        return schedule.train(fn, block, row, key, lr, penalty)
+            params = blocks.merge(*block)
+        loss, grad = loss_and_grad(model, params, examples, rows, step_key)
+        g_v, g_u = blocks.split(grad)
+        g = {"personal": g_v, "shared": g_u, "joint": (g_v, g_u)}[trained]
+        return loss, tree_scale(scale, g)
 
-    return jax.jit(train)
-
-
-def _phase(model, cfg, phase, steps, epochs, *args):
-    personal = cfg["personal"] if "personal" in cfg else cfg["head"]
-    trainer = _trainer(model, personal, phase, cfg["batch_size"], steps, epochs,
-                       cfg["client_optimizer"])
-    return trainer(*args)
+    return sgd(key, n, max_examples, schedule, lr, start, data_grad, penalty_grad)
 
 
-def _zeros(tree):
-    return jax.tree.map(jnp.zeros_like, tree)
-
-
-def _drift(u_i, u):
+def _drift(u_i, u) -> float:
+    """sum over shared tensors of ||u_i - u||_F."""
     return sum(float(np.sqrt(np.sum((a - b) ** 2)))
                for a, b in zip(jax.tree.leaves(f64(u_i)), jax.tree.leaves(f64(u))))
 
@@ -71,82 +69,87 @@ def _mean(trees, weights):
 
 
 def _naive_partial(model, state, train, key, cfg, mode):
+    check_sgd(cfg)
+    blocks = Blocks.of(model, cfg["personal"] if "personal" in cfg else cfg["head"])
     ids, client_key = cohort(train, key, cfg["clients_per_round"])
+    clients = Clients(train)
     lr = float(state.hparams["client_lr"])
-    u = state.shared
-    steps, epochs = cfg["local_steps"], cfg["local_epochs"]
-    p_steps, p_epochs = cfg.get("personal_steps"), cfg.get("personal_epochs")
-    if p_steps is None and p_epochs is None:
-        p_steps, p_epochs = steps, epochs
-    rows = [client_row(state.client_personal, i) for i in range(train.num_clients)]
+    u = as_numpy(state.shared)
+    shared = Schedule.of(cfg["batch_size"], cfg["local_steps"], cfg["local_epochs"])
+    personal = shared
+    if cfg.get("personal_steps") is not None or cfg.get("personal_epochs") is not None:
+        personal = Schedule.of(cfg["batch_size"], cfg["personal_steps"], cfg["personal_epochs"])
+    rows = [stacked_row(state.client_personal, i) for i in range(train.num_clients)]
     shared_rows, weights, loss_num, n_sum, drifts = [], [], 0.0, 0.0, []
     for i in ids:
-        data, k = client_row(train, i), jax.random.fold_in(client_key, i)
-        zero = (0.0, 0.0, _zeros(u), _zeros(u))  # wd, prox, anchor, dual
-        if mode == "alternating":
-            v = _phase(model, cfg, "personal", p_steps, p_epochs, rows[i], u, data,
-                       jax.random.fold_in(k, 0), lr, 1.0, 0.0, 0.0, rows[i], rows[i]).params
-            r = _phase(model, cfg, "shared", steps, epochs, u, v, data,
-                       jax.random.fold_in(k, 1), lr, 1.0, *zero)
-            u_i = r.params
-        else:
-            r = _phase(model, cfg, "joint", steps, epochs, (rows[i], u), None, data,
-                       jax.random.fold_in(k, 1), lr, 1.0, *zero)
-            v, u_i = r.params
+        examples, n, k = clients.examples(i), clients.n[i], jax.random.fold_in(client_key, i)
+        common = (model, blocks, examples, n, clients.max_examples)
+        if mode == "alternating":  # v with u frozen, then u_i from u with the new v frozen
+            v = _phase(*common, jax.random.fold_in(k, 0), personal, lr, rows[i], "personal",
+                       u).params
+            run = _phase(*common, jax.random.fold_in(k, 1), shared, lr, u, "shared", v)
+            u_i = run.params
+        else:  # (v, u_i) together on the same minibatches
+            run = _phase(*common, jax.random.fold_in(k, 1), shared, lr, (rows[i], u), "joint")
+            v, u_i = run.params
         rows[i] = v
-        n = float(train.num_examples[i])
         shared_rows.append(f64(u_i))
-        weights.append(n if cfg["weighting"] == "num_examples" else float(n > 0))
-        loss_num, n_sum = loss_num + n * float(r.mean_loss()), n_sum + n
+        weights.append(float(n) if cfg["weighting"] == "num_examples" else float(n > 0))
+        loss_num, n_sum = loss_num + n * run.mean_loss(), n_sum + n
         if n > 0:
             drifts.append(_drift(u_i, u))
     if sum(weights) > 0:
-        u = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), _mean(shared_rows, weights))
-    stacked = jax.tree.map(lambda *r: jnp.stack(r), *rows)
-    new = state.replace(round=state.round + 1, shared=u, client_personal=stacked)
+        u = jax.tree.map(lambda a: np.asarray(a, np.float32), _mean(shared_rows, weights))
+    new = state.replace(round=state.round + 1, shared=u, client_personal=stack(rows))
     return new, {"train_loss": loss_num / max(n_sum, 1.0),
                  "drift": float(np.mean(drifts)) if drifts else 0.0}
 
 
 def _naive_fedapm(model, state, train, key, cfg):
+    check_sgd(cfg)
+    blocks = Blocks.of(model, cfg["personal"])
     ids, client_key = cohort(train, key, cfg["clients_per_round"])
+    clients = Clients(train)
     hp = {k: float(v) for k, v in state.hparams.items()}
-    steps, epochs = cfg["local_steps"], cfg["local_epochs"]
-    if steps is not None:
-        epochs = None
-    has = np.asarray(train.num_examples) > 0
+    lr, rho, sigma, wd = hp["client_lr"], hp["rho"], hp["sigma"], hp["weight_decay"]
+    epochs = 3 if cfg["local_steps"] is None and cfg["local_epochs"] is None \
+        else cfg["local_epochs"]
+    schedule = Schedule.of(cfg["batch_size"], cfg["local_steps"], epochs)
+    has = np.asarray(clients.n) > 0
     alpha = 1.0 / max(int(has.sum()), 1) if cfg["client_weight"] == "uniform" else 1.0
-    u = state.shared
+    u = as_numpy(state.shared)
     m = train.num_clients
-    v_rows = [client_row(state.client_personal, i) for i in range(m)]
-    u_rows = [f64(client_row(state.client_shared, i)) for i in range(m)]
-    d_rows = [f64(client_row(state.client_dual, i)) for i in range(m)]
+    v_rows = [stacked_row(state.client_personal, i) for i in range(m)]
+    u_rows = [f64(stacked_row(state.client_shared, i)) for i in range(m)]
+    d_rows = [f64(stacked_row(state.client_dual, i)) for i in range(m)]
     loss_num, n_sum, drifts = 0.0, 0.0, []
     for i in ids:
-        data, k = client_row(train, i), jax.random.fold_in(client_key, i)
-        v = _phase(model, cfg, "personal", steps, epochs, v_rows[i], u, data,
-                   jax.random.fold_in(k, 0), hp["client_lr"], alpha, hp["weight_decay"],
-                   hp["sigma"], v_rows[i], v_rows[i]).params
-        dual = client_row(state.client_dual, i)
-        r = _phase(model, cfg, "shared", steps, epochs, u, v, data, jax.random.fold_in(k, 1),
-                   hp["client_lr"], alpha, hp["weight_decay"], hp["rho"], u, dual)
+        examples, n, k = clients.examples(i), clients.n[i], jax.random.fold_in(client_key, i)
+        common = (model, blocks, examples, n, clients.max_examples)
+        v_old, dual = v_rows[i], as_numpy(d_rows[i])
+        # personal: alpha (f + wd/2 ||v||^2) + sigma/2 ||v - v_old||^2
+        v = _phase(*common, jax.random.fold_in(k, 0), schedule, lr, v_old, "personal", u,
+                   alpha, lambda p, v_old=v_old: tree_add(tree_scale(alpha * wd, p),
+                                                          sq_dist_grad(sigma, p, v_old))).params
+        # shared, from u: alpha (f + wd/2 ||u_i||^2) + <pi_i, u_i - u> + rho/2 ||u_i - u||^2
+        run = _phase(*common, jax.random.fold_in(k, 1), schedule, lr, u, "shared", v, alpha,
+                     lambda p, dual=dual: tree_add(tree_scale(alpha * wd, p), dual,
+                                                   sq_dist_grad(rho, p, u)))
         v_rows[i] = v
-        u_rows[i] = f64(r.params)
-        d_rows[i] = jax.tree.map(lambda p, a, b: p + hp["rho"] * (a - b), d_rows[i], u_rows[i],
-                                 f64(u))
-        n = float(train.num_examples[i])
-        loss_num, n_sum = loss_num + n * float(r.mean_loss()) / alpha, n_sum + n
+        u_rows[i] = f64(run.params)
+        # dual ascent: pi_i <- pi_i + rho (u_i - u)
+        d_rows[i] = jax.tree.map(lambda p, a, b: p + rho * (a - b), d_rows[i], u_rows[i], f64(u))
+        loss_num, n_sum = loss_num + n * run.mean_loss(), n_sum + n
         if n > 0:
-            drifts.append(_drift(r.params, u))
-    members = np.flatnonzero(has) if cfg["server_average"] == "all" else [i for i in ids if has[i]]
-    if len(members):
-        z = [jax.tree.map(lambda a, p: a + (p / hp["rho"] if hp["rho"] > 0 else 0.0),
-                          u_rows[i], d_rows[i]) for i in members]
-        u = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), _mean(z, [1.0] * len(z)))
-    to32 = lambda rows: jax.tree.map(lambda *r: jnp.asarray(np.stack(r), jnp.float32), *rows)
-    new = state.replace(round=state.round + 1, shared=u,
-                        client_personal=jax.tree.map(lambda *r: jnp.stack(r), *v_rows),
-                        client_shared=to32(u_rows), client_dual=to32(d_rows))
+            drifts.append(_drift(run.params, u))
+    members = np.flatnonzero(has) if cfg["server_average"] == "all" else [i for i in ids
+                                                                          if has[i]]
+    if len(members):  # u = mean over members of u_i + pi_i / rho (stale rows included)
+        z = [jax.tree.map(lambda a, p: a + (p / rho if rho > 0 else 0.0), u_rows[i], d_rows[i])
+             for i in members]
+        u = jax.tree.map(lambda a: np.asarray(a, np.float32), _mean(z, [1.0] * len(z)))
+    new = state.replace(round=state.round + 1, shared=u, client_personal=stack(v_rows),
+                        client_shared=stack(u_rows), client_dual=stack(d_rows))
     return new, {"train_loss": loss_num / max(n_sum, 1.0),
                  "drift": float(np.mean(drifts)) if drifts else 0.0}
 
@@ -157,4 +160,13 @@ NAIVE_ROUNDS = {
     "fedsim": functools.partial(_naive_partial, mode="simultaneous"),
     "fedper": functools.partial(_naive_partial, mode="simultaneous"),
     "fedapm": _naive_fedapm,
+}
+
+DEFAULTS = {
+    "fedalt": {**_ALTERNATING, "personal": ("head",)},
+    "fedrep": {**_ALTERNATING, "head": ("head",)},
+    "fedsim": {**_PARTIAL, "personal": ("head",)},
+    "fedper": {**_PARTIAL, "head": ("head",)},
+    "fedapm": {**_PARTIAL, "batch_size": 50, "personal": ("head",), "client_weight": "uniform",
+               "server_average": "all"},
 }
