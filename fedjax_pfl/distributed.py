@@ -1,21 +1,14 @@
 """The client axis on the device mesh, in one process or several.
 
-`place` puts a run's per-client `[M, ...]` arrays (train and test data, the
-state's per-client leaves) on the 1-D `clients` mesh once, so the "sharded"
-strategy finds every client's rows already on the device that trains it
-(`simulate(..., mesh=...)` does this). M must divide evenly over the devices;
-otherwise a single process leaves the arrays where they are: padding M with
-empty clients would change what the algorithms see (cohort sampling draws from
-M, the state has M rows), so results would change.
+`place` puts per-client `[M, ...]` arrays (data, per-client state) on the 1-D
+`clients` mesh once (`simulate(..., mesh=...)`). M must divide over the devices;
+otherwise one process leaves them as they are (padding M with empty clients
+would change cohort sampling and the state, hence the results).
 
-Several processes (JAX's multi-controller runtime): every process calls
-`initialize(coordinator, num_processes, process_id)` before anything else
-touches JAX, builds only its own clients (`client_block` says which) and turns
-them into global arrays with `place_clients`. The mesh spans every process's
-devices, the rounds run under "sharded" (`shard_map`; on CPU the cross-process
-collectives are gloo over TCP), every process runs the same program and gets
-the same results; only process 0 should write them. `to_host` brings results
-back to every process.
+Several processes (JAX multi-controller): each calls `initialize(...)` before
+JAX starts, puts only its own clients (`client_block`) on its devices as global
+arrays (`place_clients`) and runs the same "sharded" program (on CPU the
+cross-process collectives are gloo over TCP); only process 0 writes results.
 """
 
 from __future__ import annotations
@@ -44,7 +37,7 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     process 0, which serves it), FEDJAX_PFL_NUM_PROCESSES and
     FEDJAX_PFL_PROCESS_ID. `local_devices` splits this process's CPU into that
     many devices (see `fedjax_pfl.use_cpu_devices`). On CPU the cross-process
-    collectives are gloo (set explicitly; it is JAX's default since 0.4.3x).
+    collectives are gloo over TCP (JAX 0.10's default, set explicitly).
     """
     coordinator, num_processes, process_id = resolve(coordinator, num_processes, process_id)
     if local_devices is not None:
@@ -119,14 +112,15 @@ def place_clients(local: ClientData, num_clients: int, mesh: Mesh | None = None)
 
     `local` holds exactly the clients `client_block(num_clients)` (host or
     device arrays); N (rows per client) is padded to the largest of any
-    process, so processes may build their blocks independently.
+    process, so processes may build their blocks independently. Check the
+    block first (`fedjax_pfl.validation.check_data(model, local)`): the
+    host-side value checks of `simulate` skip arrays spread over processes.
     """
     mesh = client_mesh() if mesh is None else mesh
     block = client_block(num_clients, mesh)
     if local.num_clients != block.stop - block.start:
-        raise ValueError(f"train: process {jax.process_index()} holds clients "
-                         f"[{block.start}, {block.stop}), expected that many rows, "
-                         f"got {local.num_clients}.")
+        raise ValueError(f"local: process {jax.process_index()} holds the clients "
+                         f"[{block.start}, {block.stop}), got {local.num_clients} clients.")
     local = jax.tree.map(np.asarray, local)
     n = local.max_examples
     if jax.process_count() > 1:
@@ -140,10 +134,6 @@ def place_clients(local: ClientData, num_clients: int, mesh: Mesh | None = None)
         sharding, a, (num_clients, *a.shape[1:])), local)
 
 
-def _is_key(a) -> bool:
-    return jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key)
-
-
 def place(tree, num_clients: int, mesh: Mesh | None = None):
     """Puts the leaves with a leading axis of `num_clients` on the `clients` mesh.
 
@@ -154,9 +144,7 @@ def place(tree, num_clients: int, mesh: Mesh | None = None):
     """
     mesh = client_mesh() if mesh is None else mesh
     if num_clients % mesh.devices.size:
-        if jax.process_count() > 1:
-            _check_divisible(num_clients, mesh)
-        return tree
+        return _check_divisible(num_clients, mesh) if jax.process_count() > 1 else tree
     split, whole = NamedSharding(mesh, P(AXIS)), NamedSharding(mesh, P())
 
     def put(a):
@@ -169,19 +157,17 @@ def place(tree, num_clients: int, mesh: Mesh | None = None):
             return jax.device_put(a, sharding)
         if isinstance(a, jax.Array) and not a.is_fully_addressable:
             return jax.jit(lambda x: x, out_shardings=sharding)(a)
-        return a if _is_key(a) else jax.device_put(np.asarray(a), sharding)
+        if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
+            return a  # left to jit, which replicates it
+        return jax.device_put(np.asarray(a), sharding)
 
     return jax.tree.map(put, tree)
 
 
 @contextlib.contextmanager
 def together():
-    """Every process runs the block; if it raises ValueError/OSError on any, it raises on all.
-
-    A collective (every process must enter it): a check that fails on one
-    process only would otherwise leave the others waiting in the run's first
-    collective.
-    """
+    """A block every process runs; if it raises ValueError/OSError on one, it raises on all
+    (a collective: otherwise the others would wait for it in the run's first collective)."""
     error = None
     try:
         yield
