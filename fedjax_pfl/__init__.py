@@ -13,7 +13,7 @@ Example:
   >>> result = fp.simulate(algo, train, test, rounds=10, progress=False)
 """
 
-from fedjax_pfl import algorithms, callbacks, core, data, metrics, models, results
+from fedjax_pfl import algorithms, callbacks, core, data, distributed, metrics, models, results
 from fedjax_pfl.algorithms import ALGORITHMS
 from fedjax_pfl.core.algorithm import FederatedAlgorithm
 from fedjax_pfl.core.execution import Execution, client_mesh, shard_clients
@@ -51,6 +51,7 @@ __all__ = [
     "client_mesh",
     "core",
     "data",
+    "distributed",
     "metrics",
     "models",
     "results",

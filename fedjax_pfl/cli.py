@@ -109,6 +109,14 @@ def _parser() -> argparse.ArgumentParser:
                      help="replace the results in a non-empty --out")
     run.add_argument("--tensorboard", action="store_true",
                      help="also write TensorBoard events to OUT/tensorboard (extra [tensorboard])")
+    for flag, kind, metavar, text in (
+            ("--num-processes", int, "N", "run in N processes (JAX multi-controller; needs "
+                                          "--execution sharded; env FEDJAX_PFL_NUM_PROCESSES)"),
+            ("--process-id", int, "I", "this process's index in [0, N) "
+                                       "(env FEDJAX_PFL_PROCESS_ID)"),
+            ("--coordinator", str, "HOST:PORT", "address of process 0, which serves it (env "
+                                                "FEDJAX_PFL_COORDINATOR)")):
+        run.add_argument(flag, type=kind, metavar=metavar, help=text)
     sweep = sub.add_parser("sweep", help="run a grid of configurations, vmapped where only "
                            "numbers and seeds differ")
     sweep.add_argument("config", metavar="CONFIG.toml",
@@ -288,12 +296,14 @@ def _load_data(cfg: dict):
         **_dataset_kwargs(cfg))
 
 
-def _build(cfg: dict, algo_kwargs: dict, data=None):
+def _build(cfg: dict, algo_kwargs: dict, data=None, processes=None):
     """(algorithm, train, test, info) for resolved options; validates names first.
 
     Args:
       cfg, algo_kwargs: resolved run options and factory kwargs.
       data: (train, test, info) already loaded for cfg (default: load it).
+      processes: (coordinator, N, process id) to join a run of N > 1 processes:
+        train and test become global arrays built from this process's clients.
     """
     import fedjax_pfl as fp
 
@@ -303,9 +313,31 @@ def _build(cfg: dict, algo_kwargs: dict, data=None):
             fp.use_cpu_devices(cfg["devices"])
         except RuntimeError as e:
             raise RuntimeError(f"devices: JAX is already initialised in this process ({e})") from e
+    if processes:
+        fp.distributed.initialize(*processes)
     train, test, info = data if data is not None else _load_data(cfg)
     model = fp.models.MODELS[cfg["model"]](info["input_shape"], info["num_classes"])
+    if processes:
+        train, test = _own_clients(model, train, test)
     return fp.ALGORITHMS[cfg["algorithm"]](model, **kwargs), train, test, info
+
+
+def _own_clients(model, train, test):
+    """This process's block of clients, checked here, as global client-sharded data.
+
+    The loaders build every client on the host; only this process's block goes
+    to its devices (a custom loader can build just `distributed.client_block`).
+    """
+    import jax
+
+    from fedjax_pfl import distributed, validation
+
+    with distributed.together():
+        block = distributed.client_block(train.num_clients)
+        own = [jax.tree.map(lambda a: a[block], data) for data in (train, test)]
+        validation.check_data(model, own[0], "train")
+        validation.check_data(model, own[1], "test")
+    return tuple(distributed.place_clients(d, train.num_clients) for d in own)
 
 
 def _run_config(cfg: dict, algo_kwargs: dict, info: dict, out: str | None) -> dict:
@@ -340,23 +372,34 @@ def _summary(result) -> list[dict]:
 
 
 def _execute(cfg: dict, algo_kwargs: dict, out: str | None, progress: bool, *,
-             resume: bool = False, overwrite: bool = False, tensorboard: bool = False):
+             resume: bool = False, overwrite: bool = False, tensorboard: bool = False,
+             processes=None):
     """Builds and runs one configuration; `simulate` writes its results under `out`.
 
     `simulate` checks `out` (refused if not empty unless resume/overwrite, and
-    writable) before anything compiles.
+    writable) before anything compiles. With `processes` (see `_build`) only
+    process 0 writes results and prints.
 
     Returns:
       (result, wall seconds of `simulate`).
     """
-    algorithm, train, test, info = _build(cfg, algo_kwargs)
-    from fedjax_pfl import TrainingDiverged, callbacks, simulate
+    algorithm, train, test, info = _build(cfg, algo_kwargs, processes=processes)
+    from fedjax_pfl import TrainingDiverged, callbacks, client_mesh, distributed, simulate
+    from fedjax_pfl.results import check_output
+
+    if processes:  # process 0 writes the results; the others stop if it cannot
+        with distributed.together():
+            if processes[2] == 0:
+                check_output(out, resume=resume, overwrite=overwrite)
+        if processes[2] != 0:
+            out, progress, tensorboard = None, False, False
 
     every = cfg["eval_every"] if cfg["checkpoint_every"] is None else cfg["checkpoint_every"]
     cfg["checkpoint_every"] = every
     hooks = [callbacks.TensorBoard(os.path.join(out, "tensorboard"))] if tensorboard and out else []
-    print(f"{cfg['algorithm']} on {cfg['dataset']} ({info['partition']}, {cfg['clients']} "
-          f"clients, {cfg['model']}, {algo_kwargs}): {cfg['rounds']} rounds", flush=True)
+    if not processes or processes[2] == 0:
+        print(f"{cfg['algorithm']} on {cfg['dataset']} ({info['partition']}, {cfg['clients']} "
+              f"clients, {cfg['model']}, {algo_kwargs}): {cfg['rounds']} rounds", flush=True)
     init_params = cohorts = None
     if cfg["init_params"]:
         from fedjax_pfl.checkpoint import load_params
@@ -371,7 +414,8 @@ def _execute(cfg: dict, algo_kwargs: dict, out: str | None, progress: bool, *,
                           eval_every=cfg["eval_every"], seed=cfg["seed"], progress=progress,
                           out=out, overwrite=overwrite, resume=resume,
                           config=_run_config(cfg, algo_kwargs, info, out),
-                          checkpoint_every=(every or None) if out else None, callbacks=hooks)
+                          checkpoint_every=(every or None) if out else None, callbacks=hooks,
+                          mesh=client_mesh() if cfg["execution"] == "sharded" else None)
     except TrainingDiverged:
         if progress:  # the unfinished progress bar
             print(file=sys.stderr)
@@ -393,13 +437,35 @@ def _load_cohorts(path: str):
                          f"schedule: {e}.") from None
 
 
+def _processes(args, cfg: dict):
+    """(coordinator, N, process id) of a run in N > 1 processes, else None (checked first)."""
+    from fedjax_pfl import distributed
+
+    coordinator, num, pid = distributed.resolve(args.coordinator, args.num_processes,
+                                                args.process_id)
+    if not num or num == 1:
+        return None
+    if cfg["execution"] != "sharded":
+        raise ValueError(f"--execution: several processes run the client axis sharded over "
+                         f"their devices; expected --execution sharded, got {cfg['execution']!r}.")
+    if args.resume or cfg["checkpoint_every"]:
+        flag = "--resume" if args.resume else "--checkpoint-every"
+        raise ValueError(f"{flag}: checkpoints are not supported with several processes.")
+    cfg["checkpoint_every"] = 0
+    return coordinator, num, pid
+
+
 def _cmd_run(args) -> int:
     cfg, algo_kwargs = _resolve(args)
+    processes = _processes(args, cfg)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = cfg["out"] or os.path.join("results", f"{cfg['algorithm']}-{cfg['dataset']}-{stamp}")
     result, seconds = _execute(cfg, algo_kwargs, out, progress=not args.quiet,
                                resume=bool(args.resume), overwrite=args.overwrite,
-                               tensorboard=args.tensorboard)
+                               tensorboard=args.tensorboard, processes=processes)
+    if processes and processes[2] != 0:
+        print(f"process {processes[2]} of {processes[1]}: done in {seconds:.1f} s")
+        return 0
     losses = {h["round"]: h["train_loss"] for h in result.history}
     rows = [{**e, "train_loss": losses.get(e["round"], "-")} for e in result.evals]
     print(_table(rows, ["round", "train_loss", "acc_weighted", "acc_mean", "acc_min"]) + "\n")
@@ -491,10 +557,21 @@ def main(argv: list[str] | None = None) -> int:
             raise
         message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"fedjax-pfl: error: {' '.join(str(message).split())}", file=sys.stderr)
+        _exit_now_if_distributed(1)
         return 1
     except KeyboardInterrupt:
         print("fedjax-pfl: interrupted", file=sys.stderr)
         return 130
+
+
+def _exit_now_if_distributed(code: int) -> None:
+    """In a run of several processes, exits without JAX's shutdown barrier, which would
+    wait (minutes) for processes that are themselves waiting for this one."""
+    jax = sys.modules.get("jax")
+    if jax is not None and jax.distributed.is_initialized():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 if __name__ == "__main__":

@@ -41,8 +41,8 @@ import numpy as np
 import optax
 
 from fedjax_pfl import callbacks as callbacks_lib
+from fedjax_pfl import distributed, validation
 from fedjax_pfl import metrics as metrics_lib
-from fedjax_pfl import validation
 from fedjax_pfl.core.algorithm import FederatedAlgorithm, check_same_clients
 from fedjax_pfl.data.client_data import ClientData
 from fedjax_pfl.results import Result, ResultsWriter, check_output
@@ -316,6 +316,7 @@ def simulate(
     max_loss_ratio: float | None = 1e6,
     init_params: Any = None,
     cohorts: Any = None,
+    mesh: Any = None,
 ) -> Result:
     """Runs rounds, evaluating at round 0, every `eval_every` rounds and at the end.
 
@@ -350,6 +351,12 @@ def simulate(
         client ids of the round starting from `state.round == r` (R at least
         the run's total rounds, S the algorithm's `clients_per_round`); see
         `check_cohorts`. Per-client keys stay `fold_in(round key, id)`.
+      mesh: a `clients` mesh (`fedjax_pfl.client_mesh()`) for the "sharded"
+        strategy: train, test and the state's per-client [M, ...] leaves are
+        placed on it once (see `fedjax_pfl.distributed.place`; left as they are
+        when M does not divide over its devices). With several processes
+        (`fedjax_pfl.distributed`) it defaults to every process's devices and
+        train/test must be global arrays (`distributed.place_clients`).
 
     Raises:
       TrainingDiverged: a round or an evaluation was not finite (or the loss
@@ -367,6 +374,9 @@ def simulate(
     if (resume or checkpoint_every) and checkpoint_dir is None:
         raise ValueError(f"{'resume' if resume else 'checkpoint_every'}: expected checkpoint_dir "
                          "or out (where the checkpoints go).")
+    if checkpoint_dir is not None and jax.process_count() > 1:
+        raise ValueError("checkpoint_every: checkpoints and resume are not supported with "
+                         "several processes.")
     init_key, round_key = seed_keys(seed)
     if state is not None and init_params is not None:
         raise ValueError("init_params: give either state or init_params, not both.")
@@ -375,8 +385,12 @@ def simulate(
                  else algorithm.init(init_key, train, init_params))
     else:
         state = jax.tree.map(jnp.copy, state)
-    state = _own_buffers(state)
     validation.check_inputs(algorithm, state, train, test)
+    if mesh is None and jax.process_count() > 1:
+        mesh = distributed.client_mesh()
+    if mesh is not None:
+        train, test, state = distributed.place((train, test, state), train.num_clients, mesh)
+    state = _own_buffers(state)
     ckpt, meta = None, None
     if checkpoint_dir is not None:
         from fedjax_pfl.checkpoint import Checkpoints
@@ -399,11 +413,13 @@ def simulate(
         run.writer.start(config or {}, resume_round=done if meta is not None else None)
     block_fn, eval_fn = _compiled(algorithm, False)
     ceiling = jnp.float32(meta["ceiling"] if meta else np.inf)
+    if mesh is not None:  # as the blocks return it (one compile)
+        ceiling = distributed.place(ceiling, train.num_clients, mesh)
     ratio = jnp.float32(np.inf if max_loss_ratio is None else max_loss_ratio)
 
     def evaluate():
         with _timed(run.result.seconds, "eval"):
-            per_client = jax.device_get(eval_fn(state, train, test))
+            per_client = distributed.to_host(eval_fn(state, train, test))
         return run.evaluation(per_client, int(state.round), state)
 
     if meta is not None:
@@ -417,7 +433,7 @@ def simulate(
             (state, ceiling, bad), block_metrics = block_fn(
                 (state, ceiling, jnp.int32(-1)), train, round_key, ratio, num_rounds=end - done,
                 cohorts=schedule)
-            block_metrics, bad = jax.device_get((block_metrics, bad))
+            block_metrics, bad = distributed.to_host((block_metrics, bad))
         if bad >= 0:
             diverged = _divergence_message(block_metrics, done + 1, int(bad) + 1, float(ceiling))
             run.rows(block_metrics, done + 1, int(bad) - done + 1, state)

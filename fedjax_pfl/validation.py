@@ -151,7 +151,10 @@ def check_structure(data, name: str = "train") -> None:
 
 def _is_concrete(data: ClientData) -> bool:
     leaves = [data.num_examples, *data.examples.values()]
-    return not any(isinstance(a, jax.core.Tracer) for a in leaves)
+    # Arrays spread over several processes are checked per process before they
+    # are assembled (fedjax_pfl.distributed), not here.
+    return not any(isinstance(a, jax.core.Tracer) or not getattr(a, "is_fully_addressable", True)
+                   for a in leaves)
 
 
 _FACTS: dict[int, tuple[weakref.ref, dict]] = {}
