@@ -15,6 +15,10 @@ others to float tolerance:
 
 When S does not divide evenly, zero rows are appended (empty clients) and their
 outputs are dropped and excluded from sums.
+
+A flat `ClientData` among the per-client inputs keeps its example store out
+of the client axis: the store is passed to every client unbatched (replicated
+under `sharded`), and each client's view is its offset and count.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+
+from fedjax_pfl.data.client_data import ClientData
 
 STRATEGIES = ("vmap", "chunked", "sharded")
 AXIS = "clients"
@@ -119,6 +125,29 @@ def _chunked_reduce(fn, broadcast, xs, valid, chunk: int, varying: bool = False)
     return jax.tree.map(lambda a: a.reshape((size,) + a.shape[2:]), ys), total
 
 
+def _is_data(x) -> bool:
+    return isinstance(x, ClientData)
+
+
+def _split_stores(xs):
+    """(xs with every flat store removed, the stores in leaf order; None for others)."""
+    nodes = jax.tree.leaves(xs, is_leaf=_is_data)
+    stores = tuple(n.examples if _is_data(n) and n.is_flat else None for n in nodes)
+    strip = lambda n: n.replace(examples={}) if _is_data(n) and n.is_flat else n
+    return jax.tree.map(strip, xs, is_leaf=_is_data), stores
+
+
+def _with_stores(x, stores):
+    """Puts the stores removed by `_split_stores` back into one client's view."""
+    it = iter(stores)
+
+    def put(n):
+        store = next(it)
+        return n if store is None else n.replace(examples=store)
+
+    return jax.tree.map(put, x, is_leaf=_is_data)
+
+
 def map_reduce(fn: Callable, broadcast, xs, execution: Execution):
     """Maps `fn` over the leading client axis of `xs` and sums part of its output.
 
@@ -132,6 +161,11 @@ def map_reduce(fn: Callable, broadcast, xs, execution: Execution):
     Returns:
       (ys with leaves [S, ...], sum over clients of z).
     """
+    xs, stores = _split_stores(xs)
+    if any(store is not None for store in stores):
+        client_fn = fn
+        fn = lambda b, x: client_fn(b[0], _with_stores(x, b[1]))
+        broadcast = (broadcast, stores)
     size = jax.tree.leaves(xs)[0].shape[0]
     chunk = execution.chunk_size
     if execution.strategy == "vmap":
