@@ -203,7 +203,8 @@ def _compute_facts(data: ClientData, name: str) -> dict:
     bad = np.flatnonzero((counts < 0) | (counts > n_max))
     if bad.size:
         i = int(bad[0])
-        what = "capacity, the most rows of a client" if data.is_flat else "N, the padded rows per client"
+        what = ("capacity, the most rows of a client" if data.is_flat
+                else "N, the padded rows per client")
         raise ValueError(f"{name}.num_examples: expected ints in [0, {n_max}] ({what}), "
                          f"got {counts[i]} for client {i}.")
     if counts.sum() == 0:

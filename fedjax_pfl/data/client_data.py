@@ -111,8 +111,9 @@ class ClientData:
           max_examples: pad to this N instead of the largest client (must be
             at least the largest client).
           layout: "dense" ([M, N, ...]), "flat" ([E, ...] with offsets) or
-            "auto": dense unless padding would more than double the stored
-            rows (M x N > 2 E), as with long-tailed client sizes.
+            "auto": flat when padding would more than double the stored rows
+            (M x N > 2 E, as with long-tailed client sizes) and the dense
+            arrays would exceed `AUTO_FLAT_BYTES` (64 MiB), else dense.
 
         Raises:
           ValueError: naming the client and the field, for an empty dataset,
@@ -193,7 +194,11 @@ class ClientData:
                                  f"got {max_examples}.")
             n = max_examples
         total = sum(counts)
-        if layout == "flat" or (layout == "auto" and len(clients) * n > 2 * total):
+        row_bytes = sum(int(np.prod(ref[k].shape[1:])) * _device_dtype(ref[k].dtype).itemsize
+                        for k in fields)
+        dense_bytes = len(clients) * n * row_bytes
+        if layout == "flat" or (layout == "auto" and dense_bytes > max(2 * total * row_bytes,
+                                                                        AUTO_FLAT_BYTES)):
             starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int32)
             specs = {k: (ref[k].shape[1:], _device_dtype(ref[k].dtype)) for k in fields}
             return cls(examples=_flat_store(clients, total, specs),
@@ -268,6 +273,7 @@ class ClientData:
 
 
 LAYOUTS = ("auto", "dense", "flat")
+AUTO_FLAT_BYTES = 64 * 2**20  # "auto" keeps smaller datasets dense whatever their padding
 
 
 def client_examples(view: ClientData) -> dict[str, jax.Array]:

@@ -369,7 +369,8 @@ def federated_dataset(name: str, *, num_clients: int, partition: str = "dirichle
       train_fraction: per-client training fraction, in (0, 1).
       image: give image datasets an [n, H, W, 1] input shape.
       max_examples_per_client: cap each client's train and test examples at
-        this, by a random subsample seeded by `seed` (long-tailed data).
+        this, by a random subsample seeded by `seed` (long-tailed data);
+        "synthetic" caps the generated client sizes instead.
       layout: `ClientData` layout: "auto" (flat when padding every client to
         the largest would more than double memory, as for synthetic's
         long-tailed sizes), "dense" or "flat".
@@ -399,7 +400,9 @@ def federated_dataset(name: str, *, num_clients: int, partition: str = "dirichle
             raise ValueError("image: 'synthetic' has flat features; expected image=False.")
         kwargs.setdefault("alpha", 1.0)
         kwargs.setdefault("beta", 1.0)
-        clients = _call(synthetic, num_clients=num_clients, seed=seed, **kwargs)
+        clients = _call(synthetic, num_clients=num_clients, seed=seed,
+                        max_examples_per_client=max_examples_per_client, **kwargs)
+        max_examples_per_client = None  # capped where generated
         x = np.concatenate([c["x"] for c in clients])
         y = np.concatenate([c["y"] for c in clients])
         num_classes = kwargs.get("num_classes", 10)

@@ -1,6 +1,5 @@
 """The flat client layout: storage that grows with the data, not with M x N_max."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -17,7 +16,11 @@ def long_tailed(sizes=(0, 3, 1, 40, 2, 5), seed=0):
              "y": rng.integers(0, 4, n).astype(np.int32)} for n in sizes]
 
 
-def test_auto_layout_is_flat_for_long_tails_and_dense_for_equal_sizes():
+def test_auto_layout_is_flat_for_long_tails_and_dense_for_equal_sizes(monkeypatch):
+    from fedjax_pfl.data import client_data
+
+    assert not fp.ClientData.from_clients(long_tailed()).is_flat  # small: dense
+    monkeypatch.setattr(client_data, "AUTO_FLAT_BYTES", 0)
     flat = fp.ClientData.from_clients(long_tailed())
     assert flat.is_flat and flat.stored_rows == 51 and flat.max_examples == 40
     assert flat.padding_ratio() == 0.0
@@ -69,7 +72,7 @@ def test_client_view_reads_its_rows_inside_vmap():
 def test_flat_validation_names_the_problem():
     flat = fp.ClientData.from_clients(long_tailed(), layout="flat")
     bad = flat.replace(offsets=flat.offsets.at[4].set(50))
-    with pytest.raises(ValueError, match=r"train.offsets: .*offset 50 with 2 examples for client 4"):
+    with pytest.raises(ValueError, match=r"offsets: .*offset 50 with 2 examples for client 4"):
         validation.check_client_data(bad)
     x = flat.examples["x"].at[45, 1].set(jnp.nan)
     with pytest.raises(ValueError, match=r"examples\['x'\]: .* in client 4 "):
@@ -77,7 +80,7 @@ def test_flat_validation_names_the_problem():
     y = flat.examples["y"].at[0].set(9)
     with pytest.raises(ValueError, match=r"labels in \[0, 4\).*, 9\] for client 1"):
         validation.check_labels(flat.replace(examples={**flat.examples, "y": y}), 4)
-    with pytest.raises(ValueError, match=r"train.num_examples: .*\[0, 30\] \(capacity.*got 40 for client 3"):
+    with pytest.raises(ValueError, match=r"\[0, 30\] \(capacity.*got 40 for client 3"):
         validation.check_client_data(flat.replace(capacity=30))
     with pytest.raises(ValueError, match="layout: expected one of"):
         fp.ClientData.from_clients(long_tailed(), layout="ragged")
@@ -90,14 +93,20 @@ def test_rows_of_no_client_are_not_validated():
     validation.check_client_data(flat.replace(examples={**flat.examples, "x": x}))
 
 
-def test_datasets_cap_and_layout_options():
+def test_datasets_cap_and_layout_options(monkeypatch):
+    from fedjax_pfl.data import client_data
+
+    monkeypatch.setattr(client_data, "AUTO_FLAT_BYTES", 0)
     train, test, info = fp.data.federated_dataset("synthetic", num_clients=30, seed=1)
     assert train.is_flat  # Synthetic(1, 1) sizes are long-tailed
     assert train.stored_rows == int(info["train_sizes"].sum())
     capped, _, info2 = fp.data.federated_dataset("synthetic", num_clients=30, seed=1,
                                                  max_examples_per_client=8, layout="dense")
-    assert not capped.is_flat and capped.max_examples == 8
-    assert info2["train_sizes"].max() == 8
+    assert not capped.is_flat and capped.max_examples <= 8
+    assert info2["train_sizes"].max() + info2["test_sizes"].max() <= 16
+    digits, _, info3 = fp.data.federated_dataset("digits", num_clients=4, seed=1, alpha=1.0,
+                                                 max_examples_per_client=5)
+    assert info3["train_sizes"].max() == 5 and digits.max_examples == 5
     with pytest.raises(ValueError, match="layout: expected one of"):
         fp.data.federated_dataset("synthetic", num_clients=3, layout="csr")
     with pytest.raises(ValueError, match="max_examples_per_client"):
