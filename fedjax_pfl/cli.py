@@ -41,6 +41,10 @@ RUN_OPTIONS = {
     "beta": (float, None, "synthetic beta (default: 1.0)"),
     "classes_per_client": (int, None, "classes per client of 'pathological' (default: 2)"),
     "train_fraction": (float, 0.75, "per-client training fraction"),
+    "max_examples_per_client": (int, None, "cap each client's train and test examples at N (a "
+                                           "seeded random subsample)"),
+    "layout": (str, "auto", "client data layout: auto (flat when padding to the largest client "
+                            "would more than double memory), dense or flat"),
     "clients": (int, 20, "number of clients"),
     "rounds": (int, 50, "communication rounds"),
     "eval_every": (int, 5, "rounds between evaluations"),
@@ -59,7 +63,7 @@ RUN_OPTIONS = {
                            "with one round's client ids per line)"),
 }
 MINIMUM = {"clients": 1, "rounds": 0, "eval_every": 1, "seed": 0, "data_seed": 0, "chunk_size": 1,
-           "devices": 1, "checkpoint_every": 0}
+           "devices": 1, "checkpoint_every": 0, "max_examples_per_client": 1}
 SUMMARY_KEYS = ("acc_weighted", "acc_mean", "acc_std", "acc_min", "acc_p10", "acc_p50",
                 "acc_p90", "acc_jain")
 
@@ -257,7 +261,7 @@ def _algorithm_kwargs(cfg: dict, algo_kwargs: dict) -> dict:
                          "give their folder with --data-dir PATH (see fedjax_pfl.data.load).")
     for kind, registry in (("algorithm", fp.ALGORITHMS), ("dataset", datasets),
                            ("partition", fp.data.PARTITIONS), ("model", fp.models.MODELS),
-                           ("execution", STRATEGIES)):
+                           ("execution", STRATEGIES), ("layout", fp.data.LAYOUTS)):
         if cfg[kind] not in registry:
             raise ValueError(f"{kind}: unknown {kind} {cfg[kind]!r}; expected one of "
                              f"{sorted(registry)}.")
@@ -288,11 +292,13 @@ def _load_data(cfg: dict):
         return fp.data.load(cfg["dataset"], root=cfg["data_dir"], num_clients=cfg["clients"],
                             partition=cfg["partition"], seed=seed,
                             train_fraction=cfg["train_fraction"],
-                            **({} if natural else kwargs))
+                            max_examples_per_client=cfg["max_examples_per_client"],
+                            layout=cfg["layout"], **({} if natural else kwargs))
     return fp.data.federated_dataset(
         cfg["dataset"], num_clients=cfg["clients"], partition=cfg["partition"],
         seed=cfg["seed"] if cfg.get("data_seed") is None else cfg["data_seed"],
         train_fraction=cfg["train_fraction"], image=cfg["model"] == "cnn",
+        max_examples_per_client=cfg["max_examples_per_client"], layout=cfg["layout"],
         **_dataset_kwargs(cfg))
 
 

@@ -134,13 +134,13 @@ def check_structure(data, name: str = "train") -> None:
     m = n.shape[0]
     if m < 1:
         raise ValueError(f"{name}.num_examples: expected at least one client, got shape (0,).")
+    if data.is_flat:
+        _check_flat_structure(data, name, m)
+        return
     lead = None
     for key, leaf in data.examples.items():
         where = f"{name}.examples[{key!r}]"
-        if not hasattr(leaf, "dtype") or not hasattr(leaf, "shape"):
-            raise ValueError(f"{where}: expected an array, got {type(leaf).__name__}.")
-        if not (jnp.issubdtype(leaf.dtype, jnp.number) or leaf.dtype == jnp.bool_):
-            raise ValueError(f"{where}: expected a numeric dtype, got {leaf.dtype}.")
+        _check_leaf_type(leaf, where)
         if leaf.ndim < 2 or leaf.shape[0] != m:
             raise ValueError(f"{where}: expected shape [M={m}, N, ...], got {leaf.shape}.")
         lead = lead or (key, leaf.shape[1])
@@ -149,12 +149,40 @@ def check_structure(data, name: str = "train") -> None:
                              f"{lead[0]!r}), got shape {leaf.shape}.")
 
 
+def _check_leaf_type(leaf, where: str) -> None:
+    if not hasattr(leaf, "dtype") or not hasattr(leaf, "shape"):
+        raise ValueError(f"{where}: expected an array, got {type(leaf).__name__}.")
+    if not (jnp.issubdtype(leaf.dtype, jnp.number) or leaf.dtype == jnp.bool_):
+        raise ValueError(f"{where}: expected a numeric dtype, got {leaf.dtype}.")
+
+
+def _check_flat_structure(data: ClientData, name: str, m: int) -> None:
+    """The flat layout: leaves [E, ...] with one E, offsets [M] ints, capacity an int >= 1."""
+    off = data.offsets
+    if not hasattr(off, "dtype") or np.shape(off) != (m,) or not jnp.issubdtype(off.dtype,
+                                                                                jnp.integer):
+        got = f"shape {np.shape(off)} dtype {getattr(off, 'dtype', type(off).__name__)}"
+        raise ValueError(f"{name}.offsets: expected an integer array [M={m}], got {got}.")
+    if not is_int(data.capacity) or data.capacity < 1:
+        raise ValueError(f"{name}.capacity: expected an int >= 1, got {data.capacity!r}.")
+    lead = None
+    for key, leaf in data.examples.items():
+        where = f"{name}.examples[{key!r}]"
+        _check_leaf_type(leaf, where)
+        if leaf.ndim < 1:
+            raise ValueError(f"{where}: expected shape [E, ...] (flat layout), got {leaf.shape}.")
+        lead = lead or (key, leaf.shape[0])
+        if leaf.shape[0] != lead[1]:
+            raise ValueError(f"{where}: expected E={lead[1]} stored rows (as {lead[0]!r}), got "
+                             f"shape {leaf.shape}.")
+
+
 def _is_concrete(data: ClientData) -> bool:
-    leaves = [data.num_examples, *data.examples.values()]
+    leaves = [data.num_examples, data.offsets, *data.examples.values()]
     # Arrays spread over several processes are checked per process before they
     # are assembled (fedjax_pfl.distributed), not here.
     return not any(isinstance(a, jax.core.Tracer) or not getattr(a, "is_fully_addressable", True)
-                   for a in leaves)
+                   for a in leaves if a is not None)
 
 
 _FACTS: dict[int, tuple[weakref.ref, dict]] = {}
@@ -178,23 +206,38 @@ def _compute_facts(data: ClientData, name: str) -> dict:
     bad = np.flatnonzero((counts < 0) | (counts > n_max))
     if bad.size:
         i = int(bad[0])
-        raise ValueError(f"{name}.num_examples: expected ints in [0, {n_max}] (N, the padded "
-                         f"rows per client), got {counts[i]} for client {i}.")
+        what = ("capacity, the most rows of a client" if data.is_flat
+                else "N, the padded rows per client")
+        raise ValueError(f"{name}.num_examples: expected ints in [0, {n_max}] ({what}), "
+                         f"got {counts[i]} for client {i}.")
     if counts.sum() == 0:
         raise ValueError(f"{name}.num_examples: expected at least one example, got 0 for "
                          f"every one of the {counts.size} clients.")
+    owner = None
+    if data.is_flat:
+        starts, rows = np.asarray(data.offsets).astype(np.int64), data.stored_rows
+        bad = np.flatnonzero((starts < 0) | (starts + counts > rows))
+        if bad.size:
+            i = int(bad[0])
+            raise ValueError(f"{name}.offsets: expected client rows inside the {rows} stored "
+                             f"rows, got offset {starts[i]} with {counts[i]} examples for "
+                             f"client {i}.")
+        owner = data.row_clients()
     for key, leaf in data.examples.items():
-        _check_leaf_values(leaf, f"{name}.examples[{key!r}]")
+        _check_leaf_values(leaf, f"{name}.examples[{key!r}]", owner)
     facts = {"counts": counts}
     if LABEL_KEY in data.examples:
-        facts["labels"] = _label_range(data.examples[LABEL_KEY], data.mask())
+        facts["labels"] = _label_range(data, owner)
     return facts
 
 
-def _check_leaf_values(leaf, where: str) -> None:
-    """Finite after the cast to the compute dtype; integers that fit it (per client)."""
+def _check_leaf_values(leaf, where: str, owner=None) -> None:
+    """Finite after the cast to the compute dtype; integers that fit it (per client).
+
+    `owner` ([E], flat layout) maps each stored row to its client (-1: none).
+    """
     target = jax.dtypes.canonicalize_dtype(leaf.dtype)
-    axes = tuple(range(1, leaf.ndim))
+    axes = tuple(range(1, leaf.ndim))  # per client (dense) or per stored row (flat)
     if jnp.issubdtype(leaf.dtype, jnp.inexact):
         xp = np if isinstance(leaf, np.ndarray) else jnp
         with np.errstate(over="ignore", invalid="ignore"):
@@ -207,6 +250,10 @@ def _check_leaf_values(leaf, where: str) -> None:
         problem, what = f"integers that fit {target} ([{info.min}, {info.max}])", "others"
     else:
         return
+    if owner is not None:  # per stored row -> per client (rows of no client are not read)
+        keep = owner >= 0
+        bad = np.bincount(owner[keep], weights=bad[keep],
+                          minlength=int(owner.max()) + 1).astype(np.int64)
     clients = np.flatnonzero(bad)
     if clients.size:
         i = int(clients[0])
@@ -214,10 +261,22 @@ def _check_leaf_values(leaf, where: str) -> None:
                          f"{i} ({clients.size} clients affected).")
 
 
-def _label_range(y, mask) -> tuple[np.ndarray, np.ndarray]:
+def _label_range(data: ClientData, owner) -> tuple[np.ndarray, np.ndarray]:
     """Per-client (min, max) label over real rows (0 for empty clients)."""
+    y = data.examples[LABEL_KEY]
     if not jnp.issubdtype(y.dtype, jnp.integer):
         return np.zeros(0), np.zeros(0)  # reported by check_model_data
+    m = data.num_clients
+    if owner is not None:
+        y = np.asarray(y).reshape(y.shape[0], -1).astype(np.int64)
+        keep = owner >= 0
+        lo = np.full(m, np.iinfo(np.int64).max)
+        hi = np.full(m, np.iinfo(np.int64).min)
+        np.minimum.at(lo, owner[keep], y[keep].min(axis=1))
+        np.maximum.at(hi, owner[keep], y[keep].max(axis=1))
+        empty = np.asarray(data.num_examples) == 0
+        return np.where(empty, 0, lo), np.where(empty, 0, hi)
+    mask = data.mask()
     y = np.asarray(y).reshape(y.shape[0], y.shape[1], -1).astype(np.int64)
     real = np.asarray(mask)[:, :, None]
     lo = np.where(real, y, np.iinfo(np.int64).max).min(axis=(1, 2))
@@ -249,12 +308,13 @@ def check_client_data(data, name: str = "train") -> None:
 
 
 def _example_specs(data: ClientData) -> dict[str, jax.ShapeDtypeStruct]:
-    return {k: jax.ShapeDtypeStruct((1, *v.shape[2:]), jax.dtypes.canonicalize_dtype(v.dtype))
+    return {k: jax.ShapeDtypeStruct((1, *data.example_shape(k)),
+                                    jax.dtypes.canonicalize_dtype(v.dtype))
             for k, v in data.examples.items()}
 
 
 def _shapes(data: ClientData) -> str:
-    return ", ".join(f"{k!r}: {tuple(v.shape[2:])}" for k, v in data.examples.items())
+    return ", ".join(f"{k!r}: {data.example_shape(k)}" for k in data.examples)
 
 
 def _first_line(e: Exception) -> str:
@@ -370,9 +430,9 @@ def _check_like(data: ClientData, ref: ClientData, name: str) -> None:
     for key in sorted(set(data.examples) & set(ref.examples)):
         a, b = data.examples[key], ref.examples[key]
         where = f"{name}.examples[{key!r}]"
-        if a.shape[2:] != b.shape[2:]:
-            raise ValueError(f"{where}: expected example shape {tuple(b.shape[2:])} (as in "
-                             f"train), got {tuple(a.shape[2:])}.")
+        if data.example_shape(key) != ref.example_shape(key):
+            raise ValueError(f"{where}: expected example shape {ref.example_shape(key)} (as in "
+                             f"train), got {data.example_shape(key)}.")
         if jnp.issubdtype(a.dtype, jnp.integer) != jnp.issubdtype(b.dtype, jnp.integer):
             raise ValueError(f"{where}: expected a dtype like train's {b.dtype}, got {a.dtype}.")
 

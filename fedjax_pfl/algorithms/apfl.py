@@ -31,6 +31,7 @@ from fedjax_pfl.core import aggregation, algorithm, local
 from fedjax_pfl.core import execution as ex
 from fedjax_pfl.core import round as round_lib
 from fedjax_pfl.core.algorithm import FederatedAlgorithm
+from fedjax_pfl.data.client_data import client_capacity, client_rows
 from fedjax_pfl.models.model import Model
 
 
@@ -116,9 +117,8 @@ def apfl(
 
     def client_train(params, personal, a, data, key, hp):
         """The joint local loop of ONE client: (w_i, v_i, alpha_i, [T] losses, [T] counts)."""
-        max_examples = jax.tree.leaves(data.examples)[0].shape[0]
         plan_key, step_key = jax.random.split(key)
-        idx, weights = local.batch_plan(plan_key, data.num_examples, max_examples,
+        idx, weights = local.batch_plan(plan_key, data.num_examples, client_capacity(data),
                                         batch_size=schedule.batch_size,
                                         local_steps=schedule.local_steps,
                                         local_epochs=schedule.epochs)
@@ -127,7 +127,7 @@ def apfl(
         def step(carry, xs):
             w, v, a, opt_state = carry
             i, bw, k = xs
-            batch = jax.tree.map(lambda x: x[i], data.examples)
+            batch = client_rows(data, i)
             loss = lambda p: jnp.sum(bw * model.loss(model.apply(p, batch, k), batch))
             data_loss, grad_w = jax.value_and_grad(loss)(w)
             grad_mix = jax.grad(loss)(mix(a, v, w))

@@ -48,6 +48,7 @@ from fedjax_pfl.core import execution as ex
 from fedjax_pfl.core import round as round_lib
 from fedjax_pfl.core.algorithm import FederatedAlgorithm
 from fedjax_pfl.core.metagrad import MODES, meta_gradient
+from fedjax_pfl.data.client_data import client_capacity, client_rows
 from fedjax_pfl.models.model import Model
 
 HESSIAN_BATCHES = ("independent", "shared")
@@ -178,14 +179,14 @@ def meta_fl(
     def client_update(broadcast, x):
         params, hp = broadcast
         data, key, weight = x
-        rows = jax.tree.leaves(data.examples)[0].shape[0]
-        plan = meta_batches(key, data.num_examples, rows, nu=nu, batch_size=batch_size,
+        plan = meta_batches(key, data.num_examples, client_capacity(data), nu=nu,
+                            batch_size=batch_size,
                             inner_batch_size=inner_batch_size,
                             hessian_batch_size=hessian_batch_size,
                             local_steps=schedule.local_steps, local_epochs=schedule.epochs,
                             shared_hessian=hessian_batches == "shared")
         optimizer = local.make_optimizer(client_optimizer, hp["client_lr"])
-        gather = lambda i, w: {"examples": jax.tree.map(lambda a: a[i], data.examples), "w": w}
+        gather = lambda i, w: {"examples": client_rows(data, i), "w": w}
 
         def step(carry, xs):
             p, opt_state = carry

@@ -36,6 +36,7 @@ from fedjax_pfl.core import aggregation, algorithm, local
 from fedjax_pfl.core import execution as ex
 from fedjax_pfl.core import round as round_lib
 from fedjax_pfl.core.algorithm import FederatedAlgorithm
+from fedjax_pfl.data.client_data import client_capacity, client_rows
 from fedjax_pfl.models.model import Model
 
 WEIGHTINGS = ("num_examples", "uniform")
@@ -107,15 +108,15 @@ def pfedme(
     def client_update(broadcast, x):
         params, hp = broadcast
         personal, data, key, weight = x
-        rows = jax.tree.leaves(data.examples)[0].shape[0]
-        idx, weights = local.batch_plan(key, data.num_examples, rows, batch_size=batch_size,
+        idx, weights = local.batch_plan(key, data.num_examples, client_capacity(data),
+                                        batch_size=batch_size,
                                         local_steps=schedule.local_steps,
                                         local_epochs=schedule.epochs)
 
         def step(carry, xs):
             w_local, theta = carry
             i, w = xs
-            batch = jax.tree.map(lambda a: a[i], data.examples)
+            batch = client_rows(data, i)
             data_loss = lambda p: jnp.sum(w * loss_fn(p, batch, None))
 
             def inner(th, _):

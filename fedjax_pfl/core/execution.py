@@ -15,11 +15,21 @@ others to float tolerance:
 
 When S does not divide evenly, zero rows are appended (empty clients) and their
 outputs are dropped and excluded from sums.
+
+A flat `ClientData` (long-tailed client sizes) among the per-client inputs
+keeps its example store out of the client axis: the store is passed to every
+client unbatched (replicated under `sharded`), and each client's view is its
+offset and count. Clients then always run in chunks (`FLAT_CHUNK` under
+"vmap"), ordered by size class (capacities 8, 16, 32, ..., the largest
+client), and each chunk sees the capacity of its largest class: epoch-mode
+training and evaluation cost what the chunk's data costs, not what the
+largest client's would.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import jax
@@ -27,6 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+
+from fedjax_pfl.data.client_data import ClientData
 
 STRATEGIES = ("vmap", "chunked", "sharded")
 AXIS = "clients"
@@ -119,6 +131,131 @@ def _chunked_reduce(fn, broadcast, xs, valid, chunk: int, varying: bool = False)
     return jax.tree.map(lambda a: a.reshape((size,) + a.shape[2:]), ys), total
 
 
+def _is_data(x) -> bool:
+    return isinstance(x, ClientData)
+
+
+def _split_stores(xs):
+    """(xs with every flat store removed, the stores in leaf order; None for others)."""
+    nodes = jax.tree.leaves(xs, is_leaf=_is_data)
+    stores = tuple(n.examples if _is_data(n) and n.is_flat else None for n in nodes)
+    strip = lambda n: n.replace(examples={}) if _is_data(n) and n.is_flat else n
+    return jax.tree.map(strip, xs, is_leaf=_is_data), stores
+
+
+def _with_stores(x, stores, capacity: int):
+    """One client's view: the stores put back, capacities cut to `capacity`."""
+    it = iter(stores)
+
+    def put(n):
+        store = next(it)
+        if store is None:
+            return n
+        return n.replace(examples=store, capacity=min(capacity, n.capacity))
+
+    return jax.tree.map(put, x, is_leaf=_is_data)
+
+
+# Size classes of flat data: capacities 8, 16, 32, ... up to the largest client.
+_FIRST_CLASS = 8
+_ROWS_PER_CALL = 2**14  # rows a vectorized call may hold (client capacity x clients)
+FLAT_CHUNK = 64  # clients per chunk for flat data under "vmap"
+
+
+def _ladder(capacity: int) -> tuple[int, ...]:
+    caps, c = [], _FIRST_CLASS
+    while c < capacity:
+        caps.append(c)
+        c *= 2
+    return (*caps, capacity)
+
+
+def _size_classes(xs, ladder) -> jax.Array:
+    """[S] int32: per client, the smallest class whose capacity holds all its flat rows."""
+    nodes = [n for n in jax.tree.leaves(xs, is_leaf=_is_data) if _is_data(n) and n.is_flat]
+    steps = jnp.asarray(ladder, jnp.int32)
+    found = [jnp.searchsorted(steps, n.num_examples, side="left") for n in nodes]
+    return functools.reduce(jnp.maximum, found).astype(jnp.int32)
+
+
+def _classed_reduce(fn, ladder, broadcast, xs, valid, classes, chunk: int, varying: bool):
+    """`_chunked_reduce` where each chunk runs the branch of its largest size class.
+
+    Branch b gives every client a view of capacity `ladder[b]` and vmaps
+    `_ROWS_PER_CALL // ladder[b]` clients at a time (at least one), so work and
+    memory follow the chunk's client sizes instead of the largest client's.
+    """
+    size = valid.shape[0]
+    split = lambda a: a.reshape((size // chunk, chunk) + a.shape[1:])
+
+    def branch(b):
+        f = lambda bc, x: fn(bc[0], _with_stores(x, bc[1], ladder[b]))
+        sub = max(1, min(chunk, _ROWS_PER_CALL // ladder[b]))
+
+        def run(xc, vc):
+            if sub == chunk:
+                return _vmap_reduce(f, broadcast, xc, vc)
+            xp, real = _pad_rows(xc, sub)
+            vp = real & jnp.pad(vc, (0, real.shape[0] - chunk))
+            ys, zs = _chunked_reduce(f, broadcast, xp, vp, sub, varying)
+            return jax.tree.map(lambda a: a[:chunk], ys), zs
+        return run
+
+    branches = [branch(b) for b in range(len(ladder))]
+    one = jax.tree.map(lambda a: a[:chunk], (xs, valid))
+    z_shape = jax.eval_shape(lambda x, v: branches[0](x, v)[1], *one)
+    zeros = jax.tree.map(lambda t: jnp.zeros(t.shape, t.dtype), z_shape)
+    if varying:
+        zeros = jax.tree.map(lambda a: jax.lax.pcast(a, AXIS, to="varying"), zeros)
+
+    def body(total, chunk_in):
+        xc, vc, cc = chunk_in
+        ys, zs = jax.lax.switch(jnp.max(jnp.where(vc, cc, 0)), branches, xc, vc)
+        return jax.tree.map(jnp.add, total, zs), ys
+
+    total, ys = jax.lax.scan(body, zeros, jax.tree.map(split, (xs, valid, classes)))
+    return jax.tree.map(lambda a: a.reshape((size,) + a.shape[2:]), ys), total
+
+
+def _flat_map_reduce(fn, broadcast, xs, stores, execution: Execution):
+    """`map_reduce` with flat data: clients sorted by size class, run in classed chunks.
+
+    The cohort is ordered by size class (stably), cut into chunks (dealt
+    round-robin over devices under "sharded", so each device gets a like mix of
+    sizes) and every chunk runs the branch of its largest class; outputs are
+    put back in the cohort's order.
+    """
+    size = jax.tree.leaves(xs)[0].shape[0]
+    capacity = max(n.capacity for n in jax.tree.leaves(xs, is_leaf=_is_data)
+                   if _is_data(n) and n.is_flat)
+    ladder = _ladder(capacity)
+    devices = 1
+    if execution.strategy == "sharded":
+        mesh = execution.mesh or client_mesh()
+        devices = mesh.devices.size
+    block = -(-size // devices)
+    chunk = min(execution.chunk_size or FLAT_CHUNK, block)
+    xs_p, valid = _pad_rows(xs, devices * chunk)
+    order = jnp.argsort(_size_classes(xs_p, ladder), stable=True)
+    order = order.reshape(-1, devices).T.reshape(-1)  # deal round-robin over devices
+    xs_s, valid_s = jax.tree.map(lambda a: a[order], (xs_p, valid))
+    classes = _size_classes(xs_s, ladder)
+    fn_b = functools.partial(_classed_reduce, fn, ladder)
+    if devices == 1:
+        ys, total = fn_b((broadcast, stores), xs_s, valid_s, classes, chunk, False)
+    else:
+        def per_device(b, x, v, c):
+            b = jax.tree.map(lambda a: jax.lax.pcast(a, AXIS, to="varying"), b)
+            ys, zs = fn_b(b, x, v, c, chunk, True)
+            return ys, jax.tree.map(lambda z: jax.lax.psum(z, AXIS), zs)
+
+        ys, total = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(AXIS), P(AXIS), P(AXIS)),
+                                  out_specs=(P(AXIS), P()))((broadcast, stores), xs_s, valid_s,
+                                                            classes)
+    back = jnp.argsort(order)
+    return jax.tree.map(lambda a: a[back][:size], ys), total
+
+
 def map_reduce(fn: Callable, broadcast, xs, execution: Execution):
     """Maps `fn` over the leading client axis of `xs` and sums part of its output.
 
@@ -132,6 +269,9 @@ def map_reduce(fn: Callable, broadcast, xs, execution: Execution):
     Returns:
       (ys with leaves [S, ...], sum over clients of z).
     """
+    xs, stores = _split_stores(xs)
+    if any(store is not None for store in stores):
+        return _flat_map_reduce(fn, broadcast, xs, stores, execution)
     size = jax.tree.leaves(xs)[0].shape[0]
     chunk = execution.chunk_size
     if execution.strategy == "vmap":

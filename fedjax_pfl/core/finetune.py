@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from fedjax_pfl.core import algorithm, local, sampling
 from fedjax_pfl.core import execution as ex
-from fedjax_pfl.data.client_data import ClientData
+from fedjax_pfl.data.client_data import ClientData, client_capacity, client_rows
 from fedjax_pfl.models.model import Model
 
 
@@ -59,7 +59,7 @@ def finetune_client(model: Model, params, train_row: ClientData, test_row: Clien
       after j steps).
     """
     loss_fn = local.model_loss_fn(model)
-    rows = jax.tree.leaves(train_row.examples)[0].shape[0]
+    rows = client_capacity(train_row)
     n = train_row.num_examples
     if full_batch:
         idx = jnp.broadcast_to(jnp.arange(rows, dtype=jnp.int32), (max_steps, rows))
@@ -72,7 +72,7 @@ def finetune_client(model: Model, params, train_row: ClientData, test_row: Clien
     def step(p, xs):
         i, w = xs
         stats = local.evaluate_client(model, p, test_row)
-        batch = jax.tree.map(lambda a: a[i], train_row.examples)
+        batch = client_rows(train_row, i)
         grads = jax.grad(lambda q: jnp.sum(w * loss_fn(q, batch, None)))(p)
         return jax.tree.map(lambda a, g: a - lr * g, p, grads), stats
 

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_pfl.data.client_data import ClientData
+from fedjax_pfl.data.client_data import ClientData, client_capacity, client_examples, client_rows
 from fedjax_pfl.models.model import Model
 
 OptimizerSpec = str | Callable[[float], optax.GradientTransformation] | optax.GradientTransformation
@@ -182,7 +182,8 @@ def local_train(
 
     Args:
       params: the starting params.
-      data: one client's row: `examples` leaves [N, ...], `num_examples` scalar.
+      data: one client's view (`examples` leaves [N, ...] and `num_examples`
+        a scalar, or a flat store with the client's offset; see `ClientData`).
       key: the client's key for this round.
       loss_fn: `loss_fn(params, batch, key) -> [B]` per-example loss.
       optimizer: the client optimizer; its state starts fresh.
@@ -193,9 +194,9 @@ def local_train(
     Returns:
       `LocalResult(params, losses [T], counts [T])`.
     """
-    max_examples = jax.tree.leaves(data.examples)[0].shape[0]
     plan_key, step_key = jax.random.split(key)
-    idx, weights = batch_plan(plan_key, data.num_examples, max_examples, batch_size=batch_size,
+    idx, weights = batch_plan(plan_key, data.num_examples, client_capacity(data),
+                              batch_size=batch_size,
                               local_steps=local_steps, local_epochs=local_epochs)
 
     def objective(p, batch, w, k):
@@ -205,7 +206,7 @@ def local_train(
     def step(carry, xs):
         p, opt_state = carry
         i, w, k = xs
-        batch = jax.tree.map(lambda a: a[i], data.examples)
+        batch = client_rows(data, i)
         (_, data_loss), grads = jax.value_and_grad(objective, has_aux=True)(p, batch, w, k)
         updates, new_opt_state = optimizer.update(grads, opt_state, p)
         new = (optax.apply_updates(p, updates), new_opt_state)
@@ -248,17 +249,18 @@ def evaluate_client(model: Model, params, data: ClientData) -> dict[str, jax.Arr
       arrays `class_tp`, `class_pred`, `class_true`, `class_auc`; sequence
       models add scalars `num_tokens`, `num_correct_tokens`.
     """
-    logits = model.apply(params, data.examples, None)
+    examples = client_examples(data)
+    logits = model.apply(params, examples, None)
     num_rows, num_classes = logits.shape[0], logits.shape[-1]
     rows = jnp.arange(num_rows) < data.num_examples
-    labels = data.examples["y"]
-    loss = jnp.where(rows, model.loss(logits, data.examples), 0.0)
+    labels = examples["y"]
+    loss = jnp.where(rows, model.loss(logits, examples), 0.0)
     num_examples = data.num_examples.astype(jnp.float32)
     extra = {}
     per_token = logits.ndim == 3
     if per_token:  # per-token predictions: count the kept tokens of the real rows
         token_mask = getattr(model, "token_mask", None)
-        keep = rows[:, None] if token_mask is None else rows[:, None] & token_mask(data.examples)
+        keep = rows[:, None] if token_mask is None else rows[:, None] & token_mask(examples)
         keep = jnp.broadcast_to(keep, labels.shape)
         logits, labels, mask = logits.reshape(-1, num_classes), labels.reshape(-1), keep.reshape(-1)
     else:

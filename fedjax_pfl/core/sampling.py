@@ -11,6 +11,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from fedjax_pfl.data.client_data import ClientData
+
 
 def sample_cohort(key: jax.Array, num_clients: int, cohort_size: int | None) -> jax.Array:
     """Client ids of one round's cohort: [S] int32.
@@ -38,8 +40,9 @@ def round_keys(key: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def take(tree, idx: jax.Array):
-    """Rows `idx` of every [M, ...] leaf: [S, ...]."""
-    return jax.tree.map(lambda a: a[idx], tree)
+    """Rows `idx` of every [M, ...] leaf: [S, ...] (a `ClientData` takes its clients)."""
+    is_data = lambda a: isinstance(a, ClientData)
+    return jax.tree.map(lambda a: a.take(idx) if is_data(a) else a[idx], tree, is_leaf=is_data)
 
 
 def put(tree, idx: jax.Array, rows):

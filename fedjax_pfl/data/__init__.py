@@ -1,6 +1,6 @@
 """Federated data: the stacked `ClientData` container, partitioners and datasets."""
 
-from fedjax_pfl.data.client_data import ClientData
+from fedjax_pfl.data.client_data import LAYOUTS, ClientData
 from fedjax_pfl.data.datasets import (
     DATASETS,
     federated_dataset,
@@ -26,6 +26,7 @@ from fedjax_pfl.data.partition import (
 
 __all__ = [
     "ClientData",
+    "LAYOUTS",
     "DATASETS",
     "PARTITIONS",
     "dirichlet",

@@ -1,14 +1,26 @@
-"""Federated data stacked on a leading client axis.
+"""Federated data of M clients, in one of two layouts.
 
-A `ClientData` holds the examples of M clients padded to a common N rows:
-every leaf of `examples` has shape [M, N, ...] and `num_examples[m]` says how
-many leading rows of client m are real. Padding rows are never read by
-training (minibatch indices are drawn in [0, n_m)) and are masked out by
-evaluation, so their content does not matter (they are zeros).
+* dense: every leaf of `examples` has shape [M, N, ...] and `num_examples[m]`
+  says how many leading rows of client m are real. Memory is M x N, N the
+  largest client: the fast path when clients have (nearly) equal sizes.
+* flat: every leaf of `examples` has shape [E, ...], the examples of all
+  clients one after the other; client m's rows are
+  `examples[offsets[m] : offsets[m] + num_examples[m]]`. Memory is the data
+  itself, whatever the size distribution (real federated populations are
+  long-tailed: a few clients hold thousands of examples, most a few dozen).
+
+Algorithms never see the difference: they work on ONE client's view (inside
+`vmap`), read its rows with `client_rows(view, idx)` for indices in [0, N) and
+its count `num_examples`, where N (`client_capacity`) is the largest client
+for both layouts; rows past a client's count are padding (dense) or other
+clients' rows (flat) and are never used unmasked. Under `map_reduce` a flat
+store is passed to every client unbatched (see `core.execution`), so nothing
+is copied per client. Both layouts give identical results.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 
 import jax
@@ -22,13 +34,24 @@ class ClientData:
     """Examples of M clients, padded to N rows and stacked on a leading axis.
 
     Attributes:
-      examples: dict of arrays, each [M, N, ...]. By convention "x" holds the
-        features and "y" the integer labels; models may use more keys.
+      examples: dict of arrays, each [M, N, ...] (dense) or [E, ...] (flat).
+        By convention "x" holds the features and "y" the integer labels;
+        models may use more keys.
       num_examples: [M] int32, number of real rows per client (0 allowed).
+      offsets: None (dense) or [M] int32, each client's first row in the
+        flat store.
+      capacity: flat only (static): N, at least the largest client.
     """
 
     examples: dict[str, jax.Array]
     num_examples: jax.Array
+    offsets: jax.Array | None = None
+    capacity: int = struct.field(pytree_node=False, default=0)
+
+    @property
+    def is_flat(self) -> bool:
+        """Whether the examples are one flat store with per-client offsets."""
+        return self.offsets is not None
 
     @property
     def num_clients(self) -> int:
@@ -37,8 +60,30 @@ class ClientData:
 
     @property
     def max_examples(self) -> int:
-        """N, the padded number of rows per client."""
+        """N, the rows a client can have (dense: the padded rows; flat: `capacity`)."""
+        if self.is_flat:
+            return self.capacity
         return next(iter(self.examples.values())).shape[1]
+
+    @property
+    def stored_rows(self) -> int:
+        """Rows held in memory: M x N (dense) or E (flat)."""
+        lead = next(iter(self.examples.values())).shape
+        return lead[0] if self.is_flat else lead[0] * lead[1]
+
+    def example_shape(self, key: str) -> tuple[int, ...]:
+        """The shape of one example of field `key` (after the client and row axes)."""
+        return tuple(self.examples[key].shape[1 if self.is_flat else 2:])
+
+    def row_clients(self) -> np.ndarray:
+        """Flat only (host-side): [E] the client of each stored row (-1: no client)."""
+        counts = np.asarray(self.num_examples).astype(np.int64)
+        starts = np.asarray(self.offsets).astype(np.int64)
+        first = np.cumsum(counts) - counts  # each client's first position in the row list
+        rows = np.repeat(starts - first, counts) + np.arange(counts.sum())
+        owner = np.full(self.stored_rows, -1, np.int64)
+        owner[rows] = np.repeat(np.arange(counts.size), counts)
+        return owner
 
     def mask(self) -> jax.Array:
         """[M, N] bool, True on real rows."""
@@ -52,6 +97,7 @@ class ClientData:
         num_classes: int | None = None,
         label_key: str = "y",
         max_examples: int | None = None,
+        layout: str = "auto",
     ) -> ClientData:
         """Validates per-client NumPy arrays and stacks them into a `ClientData`.
 
@@ -64,6 +110,10 @@ class ClientData:
           label_key: the field holding integer class labels.
           max_examples: pad to this N instead of the largest client (must be
             at least the largest client).
+          layout: "dense" ([M, N, ...]), "flat" ([E, ...] with offsets) or
+            "auto": flat when padding would more than double the stored rows
+            (M x N > 2 E, as with long-tailed client sizes) and the dense
+            arrays would exceed `AUTO_FLAT_BYTES` (64 MiB), else dense.
 
         Raises:
           ValueError: naming the client and the field, for an empty dataset,
@@ -75,6 +125,8 @@ class ClientData:
             raise ValueError(f"num_classes: expected None or an int >= 1, got {num_classes!r}.")
         if max_examples is not None and not _is_int(max_examples):
             raise ValueError(f"max_examples: expected None or an int, got {max_examples!r}.")
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}.")
         if isinstance(clients, Mapping) or not isinstance(clients, Sequence):
             raise TypeError(f"clients: expected a sequence of dicts, got {type(clients).__name__}.")
         if len(clients) == 0:
@@ -141,6 +193,17 @@ class ClientData:
                 raise ValueError(f"max_examples: must be >= the largest client ({n}), "
                                  f"got {max_examples}.")
             n = max_examples
+        total = sum(counts)
+        row_bytes = sum(int(np.prod(ref[k].shape[1:])) * _device_dtype(ref[k].dtype).itemsize
+                        for k in fields)
+        dense_bytes = len(clients) * n * row_bytes
+        if layout == "flat" or (layout == "auto" and dense_bytes > max(2 * total * row_bytes,
+                                                                        AUTO_FLAT_BYTES)):
+            starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int32)
+            specs = {k: (ref[k].shape[1:], _device_dtype(ref[k].dtype)) for k in fields}
+            return cls(examples=_flat_store(clients, total, specs),
+                       num_examples=jnp.asarray(counts, dtype=jnp.int32),
+                       offsets=jnp.asarray(starts), capacity=int(n))
         examples = {}
         for k in fields:
             out = np.zeros((len(clients), n) + ref[k].shape[1:], dtype=_device_dtype(ref[k].dtype))
@@ -162,12 +225,14 @@ class ClientData:
         return self
 
     def padding_ratio(self) -> float:
-        """Fraction of the stored rows that are padding (host-side)."""
-        total = self.num_clients * self.max_examples
-        return 1.0 - float(np.sum(np.asarray(self.num_examples))) / total
+        """Fraction of the stored rows that are padding (host-side; 0 for flat)."""
+        return 1.0 - float(np.sum(np.asarray(self.num_examples))) / self.stored_rows
 
     def take(self, idx: jax.Array) -> ClientData:
-        """The clients `idx` ([S] int), as a `ClientData` of S clients."""
+        """The clients `idx` ([S] int), as a `ClientData` of S clients (a flat
+        store is shared, not copied)."""
+        if self.is_flat:
+            return self.replace(num_examples=self.num_examples[idx], offsets=self.offsets[idx])
         return jax.tree.map(lambda a: a[idx], self)
 
     def pad_clients(self, num_clients: int) -> ClientData:
@@ -176,6 +241,8 @@ class ClientData:
         if extra < 0:
             raise ValueError(f"num_clients: must be >= {self.num_clients}, got {num_clients}.")
         pad = lambda a: jnp.concatenate([a, jnp.zeros((extra, *a.shape[1:]), a.dtype)])
+        if self.is_flat:
+            return self.replace(num_examples=pad(self.num_examples), offsets=pad(self.offsets))
         return jax.tree.map(pad, self)
 
     def pad_examples(self, max_examples: int) -> ClientData:
@@ -183,6 +250,8 @@ class ClientData:
         extra = max_examples - self.max_examples
         if extra < 0:
             raise ValueError(f"max_examples: must be >= {self.max_examples}, got {max_examples}.")
+        if self.is_flat:
+            return self.replace(capacity=max_examples)
         pad = lambda a: jnp.concatenate([a, jnp.zeros((a.shape[0], extra, *a.shape[2:]), a.dtype)],
                                         axis=1)
         return self.replace(examples={k: pad(v) for k, v in self.examples.items()})
@@ -190,7 +259,92 @@ class ClientData:
     def client_arrays(self, i: int) -> dict[str, np.ndarray]:
         """Client i's real rows as NumPy arrays (host-side)."""
         n = int(self.num_examples[i])
+        if self.is_flat:
+            start = int(self.offsets[i])
+            return {k: np.asarray(v[start:start + n]) for k, v in self.examples.items()}
         return {k: np.asarray(v[i, :n]) for k, v in self.examples.items()}
+
+    def to_layout(self, layout: str) -> ClientData:
+        """The same clients in the "dense" or "flat" layout (host-side)."""
+        if layout not in LAYOUTS[1:]:
+            raise ValueError(f"layout: expected 'dense' or 'flat', got {layout!r}.")
+        clients = [self.client_arrays(i) for i in range(self.num_clients)]
+        return ClientData.from_clients(clients, max_examples=self.max_examples, layout=layout)
+
+
+LAYOUTS = ("auto", "dense", "flat")
+AUTO_FLAT_BYTES = 64 * 2**20  # "auto" keeps smaller datasets dense whatever their padding
+
+
+def client_examples(view: ClientData) -> dict[str, jax.Array]:
+    """All N rows of ONE client's view, leaves [N, ...] (no copy for dense)."""
+    if view.is_flat:
+        return client_rows(view, jnp.arange(view.capacity))
+    return view.examples
+
+
+def client_capacity(view: ClientData) -> int:
+    """N, the rows of ONE client's view (inside `vmap`): indices in [0, N) are valid."""
+    if view.is_flat:
+        return view.capacity
+    return jax.tree.leaves(view.examples)[0].shape[0]
+
+
+def client_rows(view: ClientData, idx: jax.Array) -> dict[str, jax.Array]:
+    """Rows `idx` (int, any shape, values in [0, N)) of ONE client's view.
+
+    Rows at or past the client's count are padding (dense) or belong to
+    other clients (flat); callers mask them out.
+    """
+    if view.is_flat:
+        idx = view.offsets + idx
+        return jax.tree.map(lambda a: a.at[idx].get(mode="clip"), view.examples)
+    return jax.tree.map(lambda a: a[idx], view.examples)
+
+
+_STAGE_BYTES = 64 * 2**20
+
+
+def _flat_store(clients, total: int, specs: dict) -> dict[str, jax.Array]:
+    """The clients' rows one after the other, as device arrays [E, ...].
+
+    Rows are copied through a host staging buffer of about 64 MB into device
+    arrays updated in place (donated), so that building the store needs the
+    data once plus the buffer, not a second host copy of everything.
+    """
+    row_bytes = sum(int(np.prod(shape)) * dtype.itemsize for shape, dtype in specs.values())
+    stage_rows = int(min(max(total, 1), max(1, _STAGE_BYTES // max(row_bytes, 1))))
+    stores = {k: jnp.zeros((total, *shape), dtype) for k, (shape, dtype) in specs.items()}
+    stage = {k: np.zeros((stage_rows, *shape), dtype) for k, (shape, dtype) in specs.items()}
+    filled, start = 0, 0
+
+    def flush(rows):
+        nonlocal start
+        for k in stores:  # the last flush may hold fewer rows: write a full block ending at E
+            at = min(start, total - stage_rows)
+            block = stage[k] if rows == stage_rows else np.concatenate(
+                [np.asarray(stores[k][at:start]), stage[k][:rows]])
+            stores[k] = _write_rows(stores[k], block, at)
+        start += rows
+
+    for client in clients:
+        n, done = len(client[next(iter(specs))]), 0
+        while done < n:
+            take = min(n - done, stage_rows - filled)
+            for k in stores:
+                stage[k][filled:filled + take] = client[k][done:done + take]
+            filled, done = filled + take, done + take
+            if filled == stage_rows:
+                flush(filled)
+                filled = 0
+    if filled:
+        flush(filled)
+    return stores
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _write_rows(store, block, start):
+    return jax.lax.dynamic_update_slice_in_dim(store, block, start, axis=0)
 
 
 def _is_int(value) -> bool:

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from fedjax_pfl import validation
-from fedjax_pfl.data.client_data import ClientData
+from fedjax_pfl.data.client_data import LAYOUTS, ClientData
 from fedjax_pfl.data.partition import PARTITIONS, train_test_split
 from fedjax_pfl.data.partition import iid as iid_partition
 
@@ -350,6 +350,7 @@ DATASETS: dict[str, Callable[..., Any]] = {
 
 def federated_dataset(name: str, *, num_clients: int, partition: str = "dirichlet",
                       seed: int = 0, train_fraction: float = 0.75, image: bool = False,
+                      max_examples_per_client: int | None = None, layout: str = "auto",
                       **kwargs) -> tuple[ClientData, ClientData, dict[str, Any]]:
     """Builds train and test `ClientData` for a registered dataset in one call.
 
@@ -367,6 +368,12 @@ def federated_dataset(name: str, *, num_clients: int, partition: str = "dirichle
       seed: seed of the generator, the partition and the train/test split.
       train_fraction: per-client training fraction, in (0, 1).
       image: give image datasets an [n, H, W, 1] input shape.
+      max_examples_per_client: cap each client's train and test examples at
+        this, by a random subsample seeded by `seed` (long-tailed data);
+        "synthetic" caps the generated client sizes instead.
+      layout: `ClientData` layout: "auto" (flat when padding every client to
+        the largest would more than double memory, as for synthetic's
+        long-tailed sizes), "dense" or "flat".
       **kwargs: options of the partitioner, or of `synthetic`.
 
     Returns:
@@ -377,6 +384,10 @@ def federated_dataset(name: str, *, num_clients: int, partition: str = "dirichle
     if name not in DATASETS:
         raise ValueError(f"name: unknown dataset {name!r}; expected one of {sorted(DATASETS)}.")
     num_clients = validation.check_int("num_clients", num_clients, minimum=1)
+    if max_examples_per_client is not None:
+        validation.check_int("max_examples_per_client", max_examples_per_client, minimum=1)
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}.")
     seed = validation.check_seed("seed", seed)
     validation.check_real("train_fraction", train_fraction, minimum=0, maximum=1, strict=True)
     if not isinstance(image, bool):
@@ -389,7 +400,9 @@ def federated_dataset(name: str, *, num_clients: int, partition: str = "dirichle
             raise ValueError("image: 'synthetic' has flat features; expected image=False.")
         kwargs.setdefault("alpha", 1.0)
         kwargs.setdefault("beta", 1.0)
-        clients = _call(synthetic, num_clients=num_clients, seed=seed, **kwargs)
+        clients = _call(synthetic, num_clients=num_clients, seed=seed,
+                        max_examples_per_client=max_examples_per_client, **kwargs)
+        max_examples_per_client = None  # capped where generated
         x = np.concatenate([c["x"] for c in clients])
         y = np.concatenate([c["y"] for c in clients])
         num_classes = kwargs.get("num_classes", 10)
@@ -403,10 +416,15 @@ def federated_dataset(name: str, *, num_clients: int, partition: str = "dirichle
         num_classes = int(y.max()) + 1
         parts = _call(PARTITIONS[partition], y, num_clients, seed=seed, **kwargs)
     train_idx, test_idx = train_test_split(parts, train_fraction=train_fraction, seed=seed + 1)
+    if max_examples_per_client is not None:
+        cap = max_examples_per_client
+        rng = np.random.default_rng(seed + 2)
+        keep = lambda i: i if len(i) <= cap else np.sort(rng.choice(i, cap, replace=False))
+        train_idx, test_idx = [keep(i) for i in train_idx], [keep(i) for i in test_idx]
 
     def build(indices):
         return ClientData.from_clients([{"x": x[i], "y": y[i]} for i in indices],
-                                       num_classes=num_classes)
+                                       num_classes=num_classes, layout=layout)
 
     info = {
         "name": name,

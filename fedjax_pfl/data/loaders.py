@@ -21,7 +21,7 @@ import numpy as np
 
 from fedjax_pfl import validation
 from fedjax_pfl.data import loaders_files, loaders_leaf
-from fedjax_pfl.data.client_data import ClientData
+from fedjax_pfl.data.client_data import LAYOUTS, ClientData
 from fedjax_pfl.data.datasets import _call
 from fedjax_pfl.data.partition import PARTITIONS, train_test_split
 
@@ -46,7 +46,7 @@ def _options(name: str) -> set[str]:
 
 def load(name: str, root, *, num_clients: int | None = None, partition: str = "dirichlet",
          seed: int = 0, train_fraction: float = 0.75, max_examples_per_client: int | None = None,
-         **options) -> tuple[ClientData, ClientData, dict[str, Any]]:
+         layout: str = "auto", **options) -> tuple[ClientData, ClientData, dict[str, Any]]:
     """Train and test `ClientData` of a dataset read from local files, like `federated_dataset`.
 
     Naturally federated formats (LEAF, TFF HDF5, PFLlib) keep their clients
@@ -65,6 +65,8 @@ def load(name: str, root, *, num_clients: int | None = None, partition: str = "d
       train_fraction: per-client training fraction where a split is made.
       max_examples_per_client: cap each client's train and test examples at
         this, by a seeded random subsample.
+      layout: `ClientData` layout, "auto" (flat when padding to the largest
+        client would more than double memory), "dense" or "flat".
       **options: options of the format (e.g. label="coarse" for CIFAR-100,
         vocab_size/seq_len for text, test="split" for HDF5), else of the
         partitioner.
@@ -92,6 +94,8 @@ def load(name: str, root, *, num_clients: int | None = None, partition: str = "d
     validation.check_real("train_fraction", train_fraction, minimum=0, maximum=1, strict=True)
     if max_examples_per_client is not None:
         validation.check_int("max_examples_per_client", max_examples_per_client, minimum=1)
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}.")
     reader_kw = {k: v for k, v in options.items() if k in _options(name)}
     other = {k: v for k, v in options.items() if k not in reader_kw}
     if name in NATURAL:
@@ -140,8 +144,8 @@ def load(name: str, root, *, num_clients: int | None = None, partition: str = "d
     if ids is not None:
         info["client_ids"] = ids
     num_classes = meta["num_classes"]
-    return (ClientData.from_clients(train, num_classes=num_classes),
-            ClientData.from_clients(test, num_classes=num_classes), info)
+    return (ClientData.from_clients(train, num_classes=num_classes, layout=layout),
+            ClientData.from_clients(test, num_classes=num_classes, layout=layout), info)
 
 
 def _cap(d: dict, cap: int, rng: np.random.Generator) -> dict:

@@ -288,3 +288,28 @@ def test_given_params_are_checked_against_the_model(tiny_train, mutate, match):
     params = jax.tree.map(np.asarray, MODEL.init(jax.random.key(1)))
     with pytest.raises(ValueError, match=match):
         algo.init(jax.random.key(0), tiny_train, mutate(params))
+
+
+def _flat_equals_dense(name, train, test, **overrides):
+    algo, _, round_fn, evaluate = build(name, **overrides)
+    flat, flat_test = train.to_layout("flat"), test.to_layout("flat")
+    assert flat.is_flat and not train.is_flat
+    a, ma = round_fn(init(algo, train), train, ROUND_KEY)
+    b, mb = round_fn(init(algo, flat), flat, ROUND_KEY)
+    testing.assert_trees_close((a, ma), (b, mb), rtol=1e-6, atol=1e-6)
+    testing.assert_trees_close(evaluate(a, train, test), evaluate(b, flat, flat_test),
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_flat_layout_equals_dense(name, tiny_train, tiny_test):
+    """The flat store (rows gathered at offset + index) trains and evaluates exactly as
+    the padded [M, N] layout: same minibatches, same permutations, same masks."""
+    _flat_equals_dense(name, tiny_train, tiny_test, clients_per_round=COHORT)
+
+
+@pytest.mark.costly
+def test_flat_layout_equals_dense_epochs_sharded(name, tiny_train, tiny_test):
+    """Epoch mode (permutations of each client's rows) with the store replicated
+    to every device and chunks inside each device's block."""
+    _flat_equals_dense(name, tiny_train, tiny_test, clients_per_round=COHORT, local_steps=None,
+                       local_epochs=2, execution=Execution("sharded", chunk_size=2))
