@@ -121,6 +121,9 @@ def place_clients(local: ClientData, num_clients: int, mesh: Mesh | None = None)
     if local.num_clients != block.stop - block.start:
         raise ValueError(f"local: process {jax.process_index()} holds the clients "
                          f"[{block.start}, {block.stop}), got {local.num_clients} clients.")
+    if local.is_flat:
+        raise ValueError("local: the flat layout is not placed across processes yet; build "
+                         "the block with layout='dense' (or --layout dense).")
     local = jax.tree.map(np.asarray, local)
     n = local.max_examples
     if jax.process_count() > 1:
@@ -161,7 +164,15 @@ def place(tree, num_clients: int, mesh: Mesh | None = None):
             return a  # left to jit, which replicates it
         return jax.device_put(np.asarray(a), sharding)
 
-    return jax.tree.map(put, tree)
+    def put_data(d):  # a flat store is read by every client: replicated
+        if not isinstance(d, ClientData) or not d.is_flat:
+            return jax.tree.map(put, d)
+        examples = {k: jax.device_put(v, whole) if jax.process_count() == 1 else put(v)
+                    for k, v in d.examples.items()}
+        return d.replace(examples=examples, num_examples=put(d.num_examples),
+                         offsets=put(d.offsets))
+
+    return jax.tree.map(put_data, tree, is_leaf=lambda a: isinstance(a, ClientData))
 
 
 @contextlib.contextmanager
