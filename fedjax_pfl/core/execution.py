@@ -19,11 +19,11 @@ outputs are dropped and excluded from sums.
 A flat `ClientData` (long-tailed client sizes) among the per-client inputs
 keeps its example store out of the client axis: the store is passed to every
 client unbatched (replicated under `sharded`), and each client's view is its
-offset and count. Clients then always run in chunks (`FLAT_CHUNK` under
-"vmap"), ordered by size class (capacities 8, 16, 32, ..., the largest
-client), and each chunk sees the capacity of its largest class: epoch-mode
-training and evaluation cost what the chunk's data costs, not what the
-largest client's would.
+offset and count. Clients then run ordered by size class (capacities 8, 16,
+32, ..., the largest client) in groups of at most `chunk_size` (`FLAT_CHUNK`
+under "vmap") that shrink as the class grows, each group seeing its class's
+capacity: epoch-mode training and evaluation cost what each client's data
+costs, not what the largest client's would.
 """
 
 from __future__ import annotations
@@ -179,50 +179,57 @@ def _size_classes(xs, ladder) -> jax.Array:
 
 
 def _classed_reduce(fn, ladder, broadcast, xs, valid, classes, chunk: int, varying: bool):
-    """`_chunked_reduce` where each chunk runs the branch of its largest size class.
+    """Runs clients sorted by size class in groups whose size follows their class.
 
-    Branch b gives every client a view of capacity `ladder[b]` and vmaps
-    `_ROWS_PER_CALL // ladder[b]` clients at a time (at least one), so work and
-    memory follow the chunk's client sizes instead of the largest client's.
+    A loop walks the sorted clients: from position p it takes the smallest
+    class b whose group, the next `_ROWS_PER_CALL // ladder[b]` clients (at
+    most `chunk`, at least one), all fit capacity `ladder[b]`, and runs that
+    group vectorized with views of that capacity. Many small clients share
+    one call; the largest run a few at a time, so work and memory follow each
+    client's own size class rather than the largest client's.
     """
     size = valid.shape[0]
-    split = lambda a: a.reshape((size // chunk, chunk) + a.shape[1:])
+    subs = [max(1, min(chunk, _ROWS_PER_CALL // cap)) for cap in ladder]
+    pad = lambda a, fill=0: jnp.concatenate([a, jnp.full((chunk,) + a.shape[1:], fill, a.dtype)])
+    xs, valid, classes = jax.tree.map(pad, xs), pad(valid, False), pad(classes)
+    group = lambda tree, p, n: jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, p, n), tree)
 
     def branch(b):
         f = lambda bc, x: fn(bc[0], _with_stores(x, bc[1], ladder[b]))
-        sub = max(1, min(chunk, _ROWS_PER_CALL // ladder[b]))
 
-        def run(xc, vc):
-            if sub == chunk:
-                return _vmap_reduce(f, broadcast, xc, vc)
-            xp, real = _pad_rows(xc, sub)
-            vp = real & jnp.pad(vc, (0, real.shape[0] - chunk))
-            ys, zs = _chunked_reduce(f, broadcast, xp, vp, sub, varying)
-            return jax.tree.map(lambda a: a[:chunk], ys), zs
+        def run(p, ys, total):
+            out, zs = _vmap_reduce(f, broadcast, group(xs, p, subs[b]), group(valid, p, subs[b]))
+            ys = jax.tree.map(lambda a, y: jax.lax.dynamic_update_slice_in_dim(a, y, p, 0), ys,
+                              out)
+            return p + subs[b], ys, jax.tree.map(jnp.add, total, zs)
         return run
 
     branches = [branch(b) for b in range(len(ladder))]
-    one = jax.tree.map(lambda a: a[:chunk], (xs, valid))
-    z_shape = jax.eval_shape(lambda x, v: branches[0](x, v)[1], *one)
-    zeros = jax.tree.map(lambda t: jnp.zeros(t.shape, t.dtype), z_shape)
+    one = jax.tree.map(lambda a: a[:1], (xs, valid))
+    y_shape, z_shape = jax.eval_shape(lambda x, v: _vmap_reduce(
+        lambda bc, c: fn(bc[0], _with_stores(c, bc[1], ladder[0])), broadcast, x, v), *one)
+    start = (jnp.zeros((), jnp.int32),
+             jax.tree.map(lambda t: jnp.zeros((size + chunk,) + t.shape[1:], t.dtype), y_shape),
+             jax.tree.map(lambda t: jnp.zeros(t.shape, t.dtype), z_shape))
     if varying:
-        zeros = jax.tree.map(lambda a: jax.lax.pcast(a, AXIS, to="varying"), zeros)
+        start = jax.tree.map(lambda a: jax.lax.pcast(a, AXIS, to="varying"), start)
 
-    def body(total, chunk_in):
-        xc, vc, cc = chunk_in
-        ys, zs = jax.lax.switch(jnp.max(jnp.where(vc, cc, 0)), branches, xc, vc)
-        return jax.tree.map(jnp.add, total, zs), ys
+    def body(carry):
+        p = carry[0]
+        fits = [jnp.max(jnp.where(group(valid, p, n), group(classes, p, n), 0)) <= b
+                for b, n in enumerate(subs)]
+        return jax.lax.switch(jnp.argmax(jnp.stack(fits)), branches, *carry)
 
-    total, ys = jax.lax.scan(body, zeros, jax.tree.map(split, (xs, valid, classes)))
-    return jax.tree.map(lambda a: a.reshape((size,) + a.shape[2:]), ys), total
+    _, ys, total = jax.lax.while_loop(lambda c: c[0] < size, body, start)
+    return jax.tree.map(lambda a: a[:size], ys), total
 
 
 def _flat_map_reduce(fn, broadcast, xs, stores, execution: Execution):
-    """`map_reduce` with flat data: clients sorted by size class, run in classed chunks.
+    """`map_reduce` with flat data: clients sorted by size class, run in classed groups.
 
-    The cohort is ordered by size class (stably), cut into chunks (dealt
-    round-robin over devices under "sharded", so each device gets a like mix of
-    sizes) and every chunk runs the branch of its largest class; outputs are
+    The cohort is ordered by size class (stably; dealt round-robin over
+    devices under "sharded", so each device gets a like mix of sizes), run by
+    `_classed_reduce` (groups of at most `chunk` clients), and its outputs are
     put back in the cohort's order.
     """
     size = jax.tree.leaves(xs)[0].shape[0]
@@ -233,9 +240,8 @@ def _flat_map_reduce(fn, broadcast, xs, stores, execution: Execution):
     if execution.strategy == "sharded":
         mesh = execution.mesh or client_mesh()
         devices = mesh.devices.size
-    block = -(-size // devices)
-    chunk = min(execution.chunk_size or FLAT_CHUNK, block)
-    xs_p, valid = _pad_rows(xs, devices * chunk)
+    xs_p, valid = _pad_rows(xs, devices)
+    chunk = min(execution.chunk_size or FLAT_CHUNK, valid.shape[0] // devices)
     order = jnp.argsort(_size_classes(xs_p, ladder), stable=True)
     order = order.reshape(-1, devices).T.reshape(-1)  # deal round-robin over devices
     xs_s, valid_s = jax.tree.map(lambda a: a[order], (xs_p, valid))
