@@ -1,5 +1,6 @@
 """Federated data: the stacked `ClientData` container, partitioners and datasets."""
 
+from fedjax_pfl.data.adapters import from_flower, from_huggingface
 from fedjax_pfl.data.client_data import LAYOUTS, ClientData
 from fedjax_pfl.data.datasets import (
     DATASETS,
@@ -31,6 +32,8 @@ __all__ = [
     "PARTITIONS",
     "dirichlet",
     "federated_dataset",
+    "from_flower",
+    "from_huggingface",
     "iid",
     "load_csv",
     "load_digits",
