@@ -301,6 +301,7 @@ def _flat_equals_dense(name, train, test, **overrides):
                                rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.costly
 def test_flat_layout_equals_dense(name, tiny_train, tiny_test):
     """The flat store (rows gathered at offset + index) trains and evaluates exactly as
     the padded [M, N] layout: same minibatches, same permutations, same masks."""
