@@ -15,6 +15,11 @@ others to float tolerance:
 
 When S does not divide evenly, zero rows are appended (empty clients) and their
 outputs are dropped and excluded from sums.
+
+Reductions are sums by default; `map_reduce(..., reduction=...)` takes any
+monoid of `core.reductions` (e.g. `LOG_WEIGHTED_SUM`, a softmax-weighted sum
+with online max-rescaling), folded per chunk, across chunks and across
+devices alike.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+
+from fedjax_pfl.core.reductions import SUM, Reduction
 
 STRATEGIES = ("vmap", "chunked", "sharded")
 AXIS = "clients"
@@ -95,50 +102,61 @@ def _pad_rows(tree, multiple: int):
     return padded, jnp.arange(size + extra) < size
 
 
-def _vmap_reduce(fn, broadcast, xs, valid):
+def _vmap_reduce(fn, broadcast, xs, valid, reduction: Reduction = SUM):
     ys, zs = jax.vmap(fn, in_axes=(None, 0))(broadcast, xs)
-    mask = lambda z: jnp.where(valid.reshape((-1,) + (1,) * (z.ndim - 1)), z, jnp.zeros_like(z))
-    return ys, jax.tree.map(lambda z: jnp.sum(mask(z), axis=0), zs)
+    if not jax.tree.leaves(zs):
+        return ys, zs
+    neutral = jax.vmap(reduction.identity)(zs)
+    mask = lambda z, e: jnp.where(valid.reshape((-1,) + (1,) * (z.ndim - 1)), z, e)
+    return ys, reduction.fold_axis(jax.tree.map(mask, zs, neutral))
 
 
-def _chunked_reduce(fn, broadcast, xs, valid, chunk: int, varying: bool = False):
+def _chunked_reduce(fn, broadcast, xs, valid, chunk: int, reduction: Reduction = SUM,
+                    varying: bool = False):
     size = valid.shape[0]
     split = lambda a: a.reshape((size // chunk, chunk) + a.shape[1:])
     xs_c, valid_c = jax.tree.map(split, xs), split(valid)
     z_shape = jax.eval_shape(lambda b, x: fn(b, x)[1], broadcast,
                              jax.tree.map(lambda a: a[0], xs))
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), z_shape)
-    if varying:  # inside shard_map the running sum differs per device
+    zeros = reduction.identity(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), z_shape))
+    if varying:  # inside shard_map the running total differs per device
         zeros = jax.tree.map(lambda a: jax.lax.pcast(a, AXIS, to="varying"), zeros)
 
     def body(total, chunk_xs):
-        ys, zs = _vmap_reduce(fn, broadcast, *chunk_xs)
-        return jax.tree.map(jnp.add, total, zs), ys
+        ys, zs = _vmap_reduce(fn, broadcast, *chunk_xs, reduction)
+        if not jax.tree.leaves(zs):
+            return total, ys
+        return reduction.combine(total, zs), ys
 
     total, ys = jax.lax.scan(body, zeros, (xs_c, valid_c))
     return jax.tree.map(lambda a: a.reshape((size,) + a.shape[2:]), ys), total
 
 
-def map_reduce(fn: Callable, broadcast, xs, execution: Execution):
-    """Maps `fn` over the leading client axis of `xs` and sums part of its output.
+def map_reduce(fn: Callable, broadcast, xs, execution: Execution,
+               reduction: Reduction = SUM):
+    """Maps `fn` over the leading client axis of `xs` and reduces part of its output.
 
     Args:
       fn: `fn(broadcast, x) -> (y, z)` for ONE client; `y` is kept per client,
-        `z` is summed over clients.
+        `z` is reduced over clients.
       broadcast: a pytree shared by all clients (e.g. server params).
       xs: a pytree with leaves [S, ...].
       execution: the strategy.
+      reduction: how the `z` combine (a `core.reductions.Reduction`; default
+        `SUM`). Padding rows count as its identity; "chunked" folds each chunk
+        and combines the running total, "sharded" also reduces across devices
+        with `reduction.across`.
 
     Returns:
-      (ys with leaves [S, ...], sum over clients of z).
+      (ys with leaves [S, ...], the reduction over clients of z).
     """
     size = jax.tree.leaves(xs)[0].shape[0]
     chunk = execution.chunk_size
     if execution.strategy == "vmap":
-        return _vmap_reduce(fn, broadcast, xs, jnp.ones((size,), bool))
+        return _vmap_reduce(fn, broadcast, xs, jnp.ones((size,), bool), reduction)
     if execution.strategy == "chunked":
         xs_p, valid = _pad_rows(xs, min(chunk, size))
-        ys, total = _chunked_reduce(fn, broadcast, xs_p, valid, min(chunk, size))
+        ys, total = _chunked_reduce(fn, broadcast, xs_p, valid, min(chunk, size), reduction)
         return jax.tree.map(lambda a: a[:size], ys), total
 
     mesh = execution.mesh or client_mesh()
@@ -152,10 +170,12 @@ def map_reduce(fn: Callable, broadcast, xs, execution: Execution):
         # through them inside shard_map would psum per-client gradients.
         b = jax.tree.map(lambda a: jax.lax.pcast(a, AXIS, to="varying"), b)
         if chunk == v.shape[0]:
-            ys, zs = _vmap_reduce(fn, b, x, v)
+            ys, zs = _vmap_reduce(fn, b, x, v, reduction)
         else:
-            ys, zs = _chunked_reduce(fn, b, x, v, chunk, varying=True)
-        return ys, jax.tree.map(lambda z: jax.lax.psum(z, AXIS), zs)
+            ys, zs = _chunked_reduce(fn, b, x, v, chunk, reduction, varying=True)
+        if not jax.tree.leaves(zs):
+            return ys, zs
+        return ys, reduction.across(zs, AXIS)
 
     ys, total = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(AXIS), P(AXIS)),
                               out_specs=(P(AXIS), P()))(broadcast, xs_p, valid)
