@@ -13,8 +13,10 @@ others to float tolerance:
   several host devices come from `jax_num_cpu_devices` (see
   `fedjax_pfl.use_cpu_devices`).
 
-When S does not divide evenly, zero rows are appended (empty clients) and their
-outputs are dropped and excluded from sums.
+When S does not divide evenly, "sharded" appends zero rows (empty clients)
+whose outputs are dropped and excluded from sums; "chunked" instead lets its
+last chunk overlap the one before (no padded copies of the inputs and outputs)
+and masks the rows already counted.
 
 Reductions are sums by default; `map_reduce(..., reduction=...)` takes any
 monoid of `core.reductions` (e.g. `LOG_WEIGHTED_SUM`, a softmax-weighted sum
@@ -132,6 +134,34 @@ def _chunked_reduce(fn, broadcast, xs, valid, chunk: int, reduction: Reduction =
     return jax.tree.map(lambda a: a.reshape((size,) + a.shape[2:]), ys), total
 
 
+def _overlapped_reduce(fn, broadcast, xs, chunk: int, reduction: Reduction = SUM):
+    """"chunked" when `chunk` does not divide S, without padded copies of xs and ys.
+
+    Chunk i covers rows [min(i chunk, S - chunk), + chunk): the last chunk
+    overlaps the one before, its rows already counted are masked out of the
+    reduction, and every row's y is written in place into one [S, ...] buffer
+    (the overlapping rows twice, with the same values). Padding instead would
+    copy every leaf of xs and of ys once more per call.
+    """
+    size = jax.tree.leaves(xs)[0].shape[0]
+    row = jax.tree.map(lambda a: a[0], xs)
+    y_shape, z_shape = jax.eval_shape(fn, broadcast, row)
+    ys = jax.tree.map(lambda s: jnp.zeros((size,) + s.shape, s.dtype), y_shape)
+    total = reduction.identity(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), z_shape))
+
+    def body(carry, i):
+        total, ys = carry
+        start = jnp.minimum(i * chunk, size - chunk)
+        x = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, start, chunk), xs)
+        y, z = _vmap_reduce(fn, broadcast, x, start + jnp.arange(chunk) >= i * chunk, reduction)
+        ys = jax.tree.map(lambda buf, v: jax.lax.dynamic_update_slice_in_dim(buf, v, start, 0),
+                          ys, y)
+        return (reduction.combine(total, z) if jax.tree.leaves(z) else total, ys), None
+
+    (total, ys), _ = jax.lax.scan(body, (total, ys), jnp.arange(-(-size // chunk)))
+    return ys, total
+
+
 def map_reduce(fn: Callable, broadcast, xs, execution: Execution,
                reduction: Reduction = SUM):
     """Maps `fn` over the leading client axis of `xs` and reduces part of its output.
@@ -155,6 +185,8 @@ def map_reduce(fn: Callable, broadcast, xs, execution: Execution,
     if execution.strategy == "vmap":
         return _vmap_reduce(fn, broadcast, xs, jnp.ones((size,), bool), reduction)
     if execution.strategy == "chunked":
+        if size > chunk and size % chunk:
+            return _overlapped_reduce(fn, broadcast, xs, chunk, reduction)
         xs_p, valid = _pad_rows(xs, min(chunk, size))
         ys, total = _chunked_reduce(fn, broadcast, xs_p, valid, min(chunk, size), reduction)
         return jax.tree.map(lambda a: a[:size], ys), total
