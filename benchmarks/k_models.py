@@ -19,10 +19,15 @@ Two modes, both in ONE process, writing JSON under benchmarks/results/:
   the round_speed workload (Synthetic(1,1), every client 64 examples, MLP
   60-64-10, 5 local steps of batch 32, full participation), interleaved round
   by round; prints FedFew / (K x FedAvg) against the <= 1.3 target.
+* `--memory`: XLA's memory analysis of the COMPILED FedFew round (nothing
+  runs; inputs are shapes only), the streamed round against the dense
+  reference it replaced (`testing.dense_fedfew`, every client's K deltas
+  kept: O(S K d)), on the speed workload at M = S = `--clients`.
 
   python benchmarks/k_models.py                      # comparison, ~15 min on 2 cores
   python benchmarks/k_models.py --speed --clients 1000 --rounds 15
   python benchmarks/k_models.py --quick --out /tmp/k.json    # smoke test
+  python benchmarks/k_models.py --memory --clients 2000 --execution chunked
 """
 
 from __future__ import annotations
@@ -279,14 +284,61 @@ def speed_rows(num_clients: int = 1000, *, rounds: int = 10, num_models: int = 3
     return rows
 
 
+# --------------------------------------------------------------------------- memory
+
+def memory_rows(num_clients: int = 2000, *, num_models: int = 3, execution: str = "chunked",
+                hidden: int = SPEED["hidden"]) -> list[dict]:
+    """Compiled memory of the FedFew round, streamed vs dense (shapes only, no run).
+
+    Returns:
+      one dict per variant: variant, M, K, d (params per model), execution,
+      temp_bytes, argument_bytes, output_bytes, total_bytes (argument + output +
+      temp: XLA:CPU reports no peak of its own), deltas_bytes (S K d x 4). The
+      dense reference returns the new params only, the round the whole state.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    import fedjax_pfl as fp
+    from fedjax_pfl import algorithms as A
+    from fedjax_pfl.testing.dense_fedfew import dense_fedfew_round
+
+    n, f = SPEED["examples"], SPEED["features"]
+    shape = jax.ShapeDtypeStruct
+    train = fp.ClientData(examples={"x": shape((num_clients, n, f), jnp.float32),
+                                    "y": shape((num_clients, n), jnp.int32)},
+                          num_examples=shape((num_clients,), jnp.int32))
+    model = fp.models.mlp((f,), SPEED["classes"], hidden=(hidden,))
+    cfg = dict(num_models=num_models, batch_size=SPEED["batch_size"],
+               local_steps=SPEED["local_steps"], client_lr=SPEED["lr"], execution=execution)
+    algo = A.fedfew(model, **cfg)
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    state = jax.eval_shape(algo.init, key, train)
+    d = sum(int(np.prod(a.shape[1:])) for a in jax.tree.leaves(state.params))
+    rows = []
+    for variant, fn in (("dense (before)", dense_fedfew_round(model, **cfg)),
+                        ("streamed (after)", algo.round)):
+        mem = jax.jit(fn).lower(state, train, key).compile().memory_analysis()
+        temp, arg, out = (int(getattr(mem, a)) for a in (
+            "temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes"))
+        rows.append(dict(variant=variant, M=num_clients, K=num_models, d=d, execution=execution,
+                         temp_bytes=temp, argument_bytes=arg, output_bytes=out,
+                         total_bytes=arg + out + temp,
+                         deltas_bytes=num_clients * num_models * d * 4))
+    return rows
+
+
 # --------------------------------------------------------------------------- main
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--speed", action="store_true", help="time rounds instead of comparing")
-    p.add_argument("--clients", type=int, default=1000, help="M for --speed")
+    p.add_argument("--memory", action="store_true",
+                   help="compiled memory of FedFew's round, streamed vs dense")
+    p.add_argument("--clients", type=int, default=1000, help="M for --speed / --memory")
     p.add_argument("--rounds", type=int, default=15, help="timed rounds for --speed")
-    p.add_argument("--execution", default="vmap", help="strategy for --speed")
+    p.add_argument("--execution", default=None,
+                   help="strategy for --speed (default vmap) / --memory (default chunked)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     p.add_argument("--methods", nargs="+", default=list(METHODS),
@@ -296,8 +348,18 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     record = dict(hardware=C.hardware(), versions=C.versions(), argv=sys.argv[1:],
                   started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-    if args.speed:
-        rows = speed_rows(args.clients, rounds=args.rounds, execution=args.execution)
+    if args.memory:
+        rows = memory_rows(args.clients, execution=args.execution or "chunked")
+        record.update(mode="memory", workload=SPEED, rows=rows)
+        mib = lambda b: b / 2**20
+        print(C.markdown_table(
+            ["variant", "M=S", "K", "d", "execution", "temp (MiB)", "arg+out+temp (MiB)",
+             "S K d deltas (MiB)"],
+            [[r["variant"], r["M"], r["K"], r["d"], r["execution"], mib(r["temp_bytes"]),
+              mib(r["total_bytes"]), mib(r["deltas_bytes"])] for r in rows]))
+        out = args.out or os.path.join(RESULTS, f"k_models_memory_M{args.clients}.json")
+    elif args.speed:
+        rows = speed_rows(args.clients, rounds=args.rounds, execution=args.execution or "vmap")
         few = next(r for r in rows if r["algorithm"].startswith("fedfew"))
         record.update(mode="speed", workload=SPEED, rows=rows,
                       target={"fedfew_vs_k_fedavg_max": 1.3,

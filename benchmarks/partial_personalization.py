@@ -15,6 +15,9 @@ Then: FedAPM / FedAlt / FedAvg round time at M ∈ {20, 1000, 10000} (synthetic 
 state's bytes per client.
 
 Reproduce: .venv/bin/python benchmarks/partial_personalization.py  (about 10-15 min on 2 cores)
+
+FedAPM vs FedAlt side by side (one process, rounds interleaved, medians; also in the full run):
+  .venv/bin/python benchmarks/partial_personalization.py --apm-vs-alt-only --clients 10000
 """
 
 from __future__ import annotations
@@ -154,6 +157,47 @@ def round_times(args):
     return rows
 
 
+def apm_vs_alt(m, repeats=15):
+    """FedAPM and FedAlt rounds timed side by side at M = m (round_times' workload).
+
+    Both are compiled and warmed up, then take turns round by round so that load
+    from other processes hits them alike. Returns medians of wall-clock and of
+    process CPU time (less sensitive to other processes on a shared machine) and
+    FedAPM / FedAlt for each.
+    """
+    model = fp.models.mlp((60,), 10, hidden=(32,))
+    train = synthetic_clients(m)
+    cfg = {"clients_per_round": max(1, int(0.3 * m)), "batch_size": 10, "local_epochs": 1,
+           "local_steps": None, "client_lr": 0.05,
+           "execution": fp.Execution("chunked", chunk_size=128)}
+    names = ("fedalt", "fedapm")
+    states, fns = {}, {}
+    for name in names:
+        algo = fp.ALGORITHMS[name](model, **cfg)
+        states[name] = algo.init(jax.random.key(0), train)
+        fns[name] = jax.jit(algo.round, donate_argnums=0)
+        states[name], _ = jax.block_until_ready(fns[name](states[name], train, jax.random.key(1)))
+    wall, cpu = {n: [] for n in names}, {n: [] for n in names}
+    for r in range(repeats):
+        for name in names:
+            t0, c0 = time.perf_counter(), time.process_time()
+            states[name], _ = jax.block_until_ready(
+                fns[name](states[name], train, jax.random.key(r + 2)))
+            wall[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
+    row = {"M": m, "cohort": cfg["clients_per_round"], "chunk_size": 128, "repeats": repeats}
+    for name in names:
+        row[f"{name}_round_s"] = float(np.median(wall[name]))
+        row[f"{name}_cpu_s"] = float(np.median(cpu[name]))
+        row[f"{name}_round_times"] = wall[name]
+    row["ratio_wall"] = row["fedapm_round_s"] / row["fedalt_round_s"]
+    row["ratio_cpu"] = row["fedapm_cpu_s"] / row["fedalt_cpu_s"]
+    print(f"M={m}: FedAPM / FedAlt round = {row['ratio_wall']:.3f} (wall medians "
+          f"{row['fedapm_round_s']:.4f} / {row['fedalt_round_s']:.4f} s), "
+          f"{row['ratio_cpu']:.3f} (process CPU)", flush=True)
+    return row
+
+
 def base_evaluate_client(model, params, data):
     """`local.evaluate_client` before F1/AUC statistics were added (for the cost comparison)."""
     logits = model.apply(params, data.examples, None)
@@ -206,12 +250,25 @@ def main():
     p.add_argument("--sizes", default="20,1000,10000")
     p.add_argument("--timing-rounds", type=int, default=5)
     p.add_argument("--out", default="benchmarks/results/partial_personalization.json")
+    p.add_argument("--apm-vs-alt-only", action="store_true",
+                   help="only FedAPM vs FedAlt side by side at M = --clients")
+    p.add_argument("--clients", type=int, default=10000, help="M for --apm-vs-alt-only")
+    p.add_argument("--repeats", type=int, default=15, help="timed rounds for --apm-vs-alt-only")
     p.add_argument("--eval-cost-only", action="store_true",
                    help="only time evaluation with vs without the F1/AUC statistics")
     args = p.parse_args()
     if args.eval_cost_only:
         _common.write_json("benchmarks/results/partial_eval_cost.json", {
             "hardware": _common.hardware(), "rows": eval_cost(args)})
+        return
+    if args.apm_vs_alt_only:
+        out = f"benchmarks/results/partial_apm_vs_alt_M{args.clients}.json"
+        rows = [apm_vs_alt(args.clients, args.repeats)]
+        _common.write_json(args.out if args.out != p.get_default("out") else out, {
+            "hardware": _common.hardware(), "versions": _common.versions(),
+            "load_average_after": os.getloadavg(),
+            "note": "shared 2-core CPU VM, loaded by other processes while timing",
+            "rows": rows})
         return
     args.sizes = [int(s) for s in args.sizes.split(",") if s]
     result = {"args": vars(args), "hardware": _common.hardware(), "versions": _common.versions(
@@ -226,6 +283,7 @@ def main():
         result["tables"][dataset] = table
         _common.write_json(args.out, result)
     result["round_times"] = round_times(args) if args.sizes else []
+    result["apm_vs_alt"] = [apm_vs_alt(m, args.timing_rounds) for m in args.sizes if m >= 1000]
     _common.write_json(args.out, result)
     print(markdown(result))
 

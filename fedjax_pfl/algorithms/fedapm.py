@@ -40,6 +40,13 @@ Where the code and a cleaner reading differ (flags, code default first):
   is not reproduced: the shared block is reset to u every round.
 Round metrics: `train_loss` (shared phase) and `drift`, the cohort mean of
 Σ_tensors ‖u_i − u‖_F (the paper's client-drift bar chart).
+
+Cost (same results, to float rounding, as the direct transcription): the
+server average is two weighted sums over the stored rows (no [M, |u|]
+temporary u_i + π_i/ρ); the dual ascent is a scatter-add of ρ (u_i − u) into
+the state (the old rows are not gathered for it); under "vmap" / "chunked"
+each client reads its π_i row inside the client map; the shared penalty is
+applied through its gradient (α wd + ρ) u_i + (π_i − ρ u) (`shared_penalty`).
 """
 
 from __future__ import annotations
@@ -85,6 +92,24 @@ def dual_over_rho(dual, rho):
     """π / ρ, or 0 when ρ = 0 (the dual never moves then)."""
     safe = jnp.where(rho > 0, rho, 1.0)
     return jax.tree.map(lambda p: jnp.where(rho > 0, p / safe, 0.0), dual)
+
+
+def shared_penalty(dual, u, alpha, weight_decay, rho):
+    """The shared phase's penalty of one client, as a function of u_i.
+
+    alpha wd/2 |u_i|^2 + <pi_i, u_i - u> + rho/2 |u_i - u|^2 up to a constant in
+    u_i: only its gradient (alpha wd + rho) u_i + (pi_i - rho u) is used (the
+    reported loss is the data loss), and the vector pi_i - rho u is formed once
+    per client instead of reading pi_i and u again at every step.
+    """
+    tilt = jax.tree.map(lambda p, b: p - rho * b, dual, u)
+    return lambda u_i: ((alpha * weight_decay + rho) / 2 * partial.sq_norm(u_i)
+                        + optax.tree.vdot(tilt, u_i))
+
+
+def dual_increment(u_i, u, rho):
+    """ρ (u_i − u), the cohort's dual ascent step (u_i: leaves [S, ...]; u: one copy)."""
+    return jax.tree.map(lambda a, b: rho * (a - b[None]), u_i, u)
 
 
 def fedapm(
@@ -157,22 +182,26 @@ def fedapm(
         return FedAPMState(jnp.zeros((), jnp.int32), u, stack(v, m), stack(u, m),
                            stack(jax.tree.map(jnp.zeros_like, u), m), hp)
 
+    # Under "vmap" / "chunked" each client reads its dual row from the state inside
+    # the client map (no [S, |u|] gathered copy); "sharded" gathers the cohort's rows
+    # first, so that the state is never replicated to every device.
+    read_in_map = execution.strategy != "sharded"
+
     def client_update(broadcast, x):
-        u, hp, alpha = broadcast
+        u, hp, alpha, client_dual = broadcast
         v_old, dual, data, key = x
+        if read_in_map:  # `dual` is the client's id
+            dual = jax.tree.map(lambda a: a[dual], client_dual)
         lr, rho_, sigma_, wd = hp["client_lr"], hp["rho"], hp["sigma"], hp["weight_decay"]
         personal_penalty = lambda v: (alpha * wd / 2 * partial.sq_norm(v)
                                       + sigma_ / 2 * partial.sq_norm(optax.tree.sub(v, v_old)))
         v, _ = trainer.personal(v_old, u, data, key, lr, personal_penalty, alpha)
 
-        def shared_penalty(u_i):
-            gap = optax.tree.sub(u_i, u)
-            return (alpha * wd / 2 * partial.sq_norm(u_i) + optax.tree.vdot(dual, gap)
-                    + rho_ / 2 * partial.sq_norm(gap))
-
-        u_i, loss = trainer.shared(v, u, data, key, lr, shared_penalty, alpha)
-        dual = jax.tree.map(lambda p, a, b: p + rho_ * (a - b), dual, u_i, u)
-        return (v, u_i, dual, loss, partial.drift_norm(u_i, u), optax.tree.norm(dual)), ()
+        u_i, loss = trainer.shared(v, u, data, key, lr, shared_penalty(dual, u, alpha, wd, rho_),
+                                   alpha)
+        # The dual step is done by the round (`dual_increment`), in place in the state:
+        # one [S, |u|] output fewer from the client map.
+        return (v, u_i, loss, partial.drift_norm(u_i, u)), ()
 
     def round_fn(state, train, key, cohort=None):
         cohort, data, keys, n = round_lib.start(
@@ -181,26 +210,41 @@ def fedapm(
         has_data = (train.num_examples > 0).astype(jnp.float32)
         m_eff = jnp.maximum(jnp.sum(has_data), 1.0)
         alpha = 1.0 / m_eff if client_weight == "uniform" else jnp.float32(1.0)
-        rows = (cohort.take(state.client_personal), cohort.take(state.client_dual), data, keys)
-        (v, u_i, dual, losses, drift, dual_norm), _ = ex.map_reduce(
-            client_update, (state.shared, state.hparams, alpha), rows, execution)
+        rho_ = state.hparams["rho"]
+        if read_in_map:
+            broadcast, dual_in = state.client_dual, cohort.ids
+        else:
+            broadcast, dual_in = (), cohort.take(state.client_dual)
+        rows = (cohort.take(state.client_personal), dual_in, data, keys)
+        (v, u_i, losses, drift), _ = ex.map_reduce(
+            client_update, (state.shared, state.hparams, alpha, broadcast), rows, execution)
         client_shared = cohort.put(state.client_shared, u_i)
-        client_dual = cohort.put(state.client_dual, dual)
+        # π_i += ρ (u_i − u) on the cohort's rows, in place (the ids are distinct): the
+        # old rows are never gathered.
+        step = dual_increment(u_i, state.shared, rho_)
+        if cohort.full:
+            client_dual = jax.tree.map(jnp.add, state.client_dual, step)
+        else:
+            client_dual = jax.tree.map(lambda a, d: a.at[cohort.ids].add(d), state.client_dual,
+                                       step)
+        dual = cohort.take(client_dual)  # the cohort's new rows (only read where needed)
         has = (n > 0).astype(jnp.float32)
         if server_average == "all":
             z, weights = (client_shared, client_dual), has_data
         else:
             z, weights = (u_i, dual), has
         total = jnp.sum(weights)
-        z = jax.tree.map(jnp.add, z[0], dual_over_rho(z[1], state.hparams["rho"]))
-        mean = jax.tree.map(lambda a: jnp.tensordot(weights, a, axes=1) / jnp.maximum(total, 1.0),
-                            z)
+        # sum_i w_i (u_i + pi_i / rho) as two weighted sums over the stored rows, combined
+        # at the shared block's size: no [M, |u|] temporary for u_i + pi_i / rho.
+        wsum = lambda tree: jax.tree.map(lambda a: jnp.tensordot(weights, a, axes=1), tree)
+        z = jax.tree.map(jnp.add, wsum(z[0]), dual_over_rho(wsum(z[1]), state.hparams["rho"]))
+        mean = jax.tree.map(lambda a: a / jnp.maximum(total, 1.0), z)
         shared = jax.tree.map(lambda new, old: jnp.where(total > 0, new, old), mean, state.shared)
         metrics = {"train_loss": round_lib.mean_loss(losses, n),
                    "drift": round_lib.mean_loss(drift, has)}
         if diagnostics:
             metrics["diagnostics"] = {"clients": cohort.ids, "drift": drift,
-                                      "dual_norm": dual_norm}
+                                      "dual_norm": jax.vmap(optax.tree.norm)(dual)}
         return state.replace(round=state.round + 1, shared=shared,
                              client_personal=cohort.put(state.client_personal, v),
                              client_shared=client_shared, client_dual=client_dual), metrics

@@ -40,8 +40,15 @@ loss, k_i* = argmin_k mean CE on its training data, and is tested with it.
     evaluation. Before any round it equals `"server"` (it reads `params`).
 The chosen model is returned per client as `model` [M].
 
-Memory: the weights need every client's losses before any update can be
-summed, so a round holds the cohort's K deltas, O(S K d).
+Memory: O(K d) per round, not O(S K d). The weights factor as
+alpha_i w_ik = e^{-x_ik/mu} / (S_i^2 sum_j 1/S_j), S_i = sum_k e^{-x_ik/mu}:
+each client knows its own log-weight a_i = log(1/S_i) (-inf without data) and
+w_ik once it has trained (n̄_i only needs the cohort's n_j, known in advance),
+and only the normaliser sum_j e^{a_j} is global. The update is therefore
+streamed through `map_reduce` with `reductions.LOG_WEIGHTED_SUM` (online
+max-rescaling, as in flash attention): chunk by chunk under "chunked", then
+across devices under "sharded", never stacking the deltas over clients. The
+per-client losses (O(S K) scalars) are still kept for the metrics.
 """
 
 from __future__ import annotations
@@ -50,7 +57,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from fedjax_pfl.core import aggregation, algorithm, local, sampling
+from fedjax_pfl.core import aggregation, algorithm, local, reductions, sampling
 from fedjax_pfl.core import execution as ex
 from fedjax_pfl.core import round as round_lib
 from fedjax_pfl.core.algorithm import FederatedAlgorithm
@@ -86,6 +93,26 @@ class FedFewState:
     hparams: dict
 
 
+def client_weights(losses, n_bar, mu):
+    """One client's part of the Smooth Tchebycheff-set weights, in log space.
+
+    Args:
+      losses: [K] L_ik.
+      n_bar: n_i / sum_{j in S} n_j.
+      mu: the smoothing temperature.
+
+    Returns:
+      (w [K] = softmax_k(-x_ik / mu), a_i = log(1 / S_i) = -logsumexp_k(-x_ik / mu));
+      alpha_i = softmax_{i in S}(a_i) over the clients with data.
+    """
+    # Shift by the client's best loss before scaling: the logits reach 1e5-1e6 for
+    # mu = 1e-3, where float32 keeps no digits after the point, but the shifted
+    # ones that matter (within ~100 of 0) keep full relative precision.
+    best = jnp.min(losses)
+    shifted = -(n_bar * (losses - best)) / mu
+    return jax.nn.softmax(shifted), n_bar * best / mu - jax.nn.logsumexp(shifted)
+
+
 def stch_weights(losses, num_examples, mu):
     """Smooth Tchebycheff-set weights of one round, in log space.
 
@@ -100,16 +127,34 @@ def stch_weights(losses, num_examples, mu):
     n = num_examples.astype(jnp.float32)
     valid = n > 0
     n_bar = n / jnp.maximum(jnp.sum(n), 1.0)
-    # Shift by each client's best loss before scaling: the logits reach 1e5-1e6 for
-    # mu = 1e-3, where float32 keeps no digits after the point, but the shifted
-    # ones that matter (within ~100 of 0) keep full relative precision.
-    best = jnp.min(losses, axis=1)
-    shifted = -(n_bar[:, None] * (losses - best[:, None])) / mu
-    w = jax.nn.softmax(shifted, axis=1)
-    neg_log_s = n_bar * best / mu - jax.nn.logsumexp(shifted, axis=1)
+    w, neg_log_s = jax.vmap(client_weights, in_axes=(0, 0, None))(losses, n_bar, mu)
     alpha = jax.nn.softmax(jnp.where(valid, neg_log_s, -jnp.inf))
     alpha = jnp.where(valid, alpha, 0.0)
     return w, alpha
+
+
+def client_trainer(model: Model, num_models: int, schedule: local.LocalSchedule,
+                   per_model_orders: bool, loss_at: str):
+    """`train(params [K, ...], data, key, lr) -> (trained [K, ...], losses [K])` of one client.
+
+    Copy k uses the key `fold_in(key, k)` (`key` itself without
+    `per_model_orders`); the losses are L_ik as `loss_at` says.
+    """
+    loss_fn = local.model_loss_fn(model)
+
+    def train(params, data, key, lr):
+        keys = jax.vmap(lambda k: jax.random.fold_in(key, k))(jnp.arange(num_models))
+        if not per_model_orders:
+            keys = jnp.broadcast_to(key, (num_models,))
+        result = jax.vmap(lambda p, k: schedule.train(loss_fn, p, data, k, lr))(params, keys)
+        epochs = schedule.epochs
+        last = None if epochs is None else result.losses.shape[1] // epochs
+        losses = jax.vmap(lambda r: r.mean_loss(last))(result)
+        if loss_at == "received":
+            losses = train_losses(model, params, data)
+        return result.params, losses
+
+    return train
 
 
 def _key_data(key):
@@ -174,7 +219,7 @@ def fedfew(
     algorithm.check_arg("diagnostics", diagnostics, isinstance(diagnostics, bool), "a bool")
     schedule = local.LocalSchedule(batch_size, local_steps, local_epochs, client_optimizer)
     execution = ex.as_execution(execution)
-    loss_fn = local.model_loss_fn(model)
+    train_all = client_trainer(model, num_models, schedule, per_model_orders, loss_at)
 
     def init_fn(key, train, params=None):
         algorithm.check_data(model, train, clients_per_round)
@@ -187,38 +232,31 @@ def fedfew(
                            jax.tree.map(jnp.copy, params), _key_data(key),
                            jnp.zeros((train.num_clients,), bool), hp)
 
-    def train_all(params, data, key, lr):
-        """Trains the K models on one client: ([K, ...] params, [K] losses)."""
-        keys = jax.vmap(lambda k: jax.random.fold_in(key, k))(jnp.arange(num_models))
-        if not per_model_orders:
-            keys = jnp.broadcast_to(key, (num_models,))
-        result = jax.vmap(lambda p, k: schedule.train(loss_fn, p, data, k, lr))(params, keys)
-        epochs = schedule.epochs
-        last = None if epochs is None else result.losses.shape[1] // epochs
-        return result.params, jax.vmap(lambda r: r.mean_loss(last))(result)
-
     def client_update(broadcast, x):
-        params, hp = broadcast
+        params, hp, total_n = broadcast
         data, key = x
         trained, losses = train_all(params, data, key, hp["client_lr"])
-        if loss_at == "received":
-            losses = train_losses(model, params, data)
-        deltas = jax.tree.map(jnp.subtract, trained, params)
-        return (deltas, losses), ()
+        n = data.num_examples.astype(jnp.float32)
+        w, log_weight = client_weights(losses, n / jnp.maximum(total_n, 1.0), hp["mu"])
+        # alpha_i w_ik (theta_ik - theta_k) = softmax_i(a_i) * [w_ik (theta_ik - theta_k)]
+        weighted = jax.tree.map(lambda t, p: w.reshape((-1,) + (1,) * (t.ndim - 1)) * (t - p),
+                                trained, params)
+        term = reductions.log_weighted_term(jnp.where(n > 0, log_weight, -jnp.inf), weighted)
+        return losses, term
 
     def round_fn(state, train, key, cohort=None):
         cohort, data, keys, n = round_lib.start(key, train, clients_per_round, cohort,
                                                 state_clients=state.last_cohort.shape[0])
-        (deltas, losses), _ = ex.map_reduce(client_update, (state.params, state.hparams),
-                                            (data, keys), execution)
-        w, alpha = stch_weights(losses, data.num_examples, state.hparams["mu"])
-        coef = alpha[:, None] * w
-        mean_delta = jax.tree.map(lambda d: jnp.einsum("sk,sk...->k...", coef, d), deltas)
+        broadcast = (state.params, state.hparams, jnp.sum(n))
+        losses, total = ex.map_reduce(client_update, broadcast, (data, keys), execution,
+                                      reductions.LOG_WEIGHTED_SUM)
+        mean_delta = reductions.log_weighted_mean(total)
         server_opt = local.make_optimizer(server_optimizer, state.hparams["server_lr"])
         params, opt_state = aggregation.server_update(server_opt, state.params, state.opt_state,
                                                       mean_delta)
         metrics = {"train_loss": round_lib.mean_loss(jnp.min(losses, axis=1), n)}
         if diagnostics:
+            w, alpha = stch_weights(losses, data.num_examples, state.hparams["mu"])
             metrics["diagnostics"] = {"clients": cohort.ids, "losses": losses, "w": w,
                                       "alpha": alpha, "model": jnp.argmin(losses, axis=1)}
         in_cohort = cohort.put(jnp.zeros_like(state.last_cohort), jnp.ones(cohort.ids.shape, bool))

@@ -13,8 +13,15 @@ others to float tolerance:
   several host devices come from `jax_num_cpu_devices` (see
   `fedjax_pfl.use_cpu_devices`).
 
-When S does not divide evenly, zero rows are appended (empty clients) and their
-outputs are dropped and excluded from sums.
+When S does not divide evenly, "sharded" appends zero rows (empty clients)
+whose outputs are dropped and excluded from sums; "chunked" instead lets its
+last chunk overlap the one before (no padded copies of the inputs and outputs)
+and masks the rows already counted.
+
+Reductions are sums by default; `map_reduce(..., reduction=...)` takes any
+monoid of `core.reductions` (e.g. `LOG_WEIGHTED_SUM`, a softmax-weighted sum
+with online max-rescaling), folded per chunk, across chunks and across
+devices alike.
 
 A flat `ClientData` (long-tailed client sizes) among the per-client inputs
 keeps its example store out of the client axis: the store is passed to every
@@ -38,6 +45,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from fedjax_pfl.core.reductions import SUM, Reduction
 from fedjax_pfl.data.client_data import ClientData
 
 STRATEGIES = ("vmap", "chunked", "sharded")
@@ -107,25 +115,31 @@ def _pad_rows(tree, multiple: int):
     return padded, jnp.arange(size + extra) < size
 
 
-def _vmap_reduce(fn, broadcast, xs, valid):
+def _vmap_reduce(fn, broadcast, xs, valid, reduction: Reduction = SUM):
     ys, zs = jax.vmap(fn, in_axes=(None, 0))(broadcast, xs)
-    mask = lambda z: jnp.where(valid.reshape((-1,) + (1,) * (z.ndim - 1)), z, jnp.zeros_like(z))
-    return ys, jax.tree.map(lambda z: jnp.sum(mask(z), axis=0), zs)
+    if not jax.tree.leaves(zs):
+        return ys, zs
+    neutral = jax.vmap(reduction.identity)(zs)
+    mask = lambda z, e: jnp.where(valid.reshape((-1,) + (1,) * (z.ndim - 1)), z, e)
+    return ys, reduction.fold_axis(jax.tree.map(mask, zs, neutral))
 
 
-def _chunked_reduce(fn, broadcast, xs, valid, chunk: int, varying: bool = False):
+def _chunked_reduce(fn, broadcast, xs, valid, chunk: int, reduction: Reduction = SUM,
+                    varying: bool = False):
     size = valid.shape[0]
     split = lambda a: a.reshape((size // chunk, chunk) + a.shape[1:])
     xs_c, valid_c = jax.tree.map(split, xs), split(valid)
     z_shape = jax.eval_shape(lambda b, x: fn(b, x)[1], broadcast,
                              jax.tree.map(lambda a: a[0], xs))
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), z_shape)
-    if varying:  # inside shard_map the running sum differs per device
+    zeros = reduction.identity(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), z_shape))
+    if varying:  # inside shard_map the running total differs per device
         zeros = jax.tree.map(lambda a: jax.lax.pcast(a, AXIS, to="varying"), zeros)
 
     def body(total, chunk_xs):
-        ys, zs = _vmap_reduce(fn, broadcast, *chunk_xs)
-        return jax.tree.map(jnp.add, total, zs), ys
+        ys, zs = _vmap_reduce(fn, broadcast, *chunk_xs, reduction)
+        if not jax.tree.leaves(zs):
+            return total, ys
+        return reduction.combine(total, zs), ys
 
     total, ys = jax.lax.scan(body, zeros, (xs_c, valid_c))
     return jax.tree.map(lambda a: a.reshape((size,) + a.shape[2:]), ys), total
@@ -181,7 +195,8 @@ def _size_classes(xs, ladder) -> jax.Array:
     return functools.reduce(jnp.maximum, found).astype(jnp.int32)
 
 
-def _classed_reduce(fn, ladder, broadcast, xs, valid, classes, chunk: int, varying: bool):
+def _classed_reduce(fn, ladder, reduction, broadcast, xs, valid, classes, chunk: int,
+                    varying: bool):
     """Runs clients sorted by size class in groups whose size follows their class.
 
     A loop walks the sorted clients: from position p it takes the smallest
@@ -201,19 +216,21 @@ def _classed_reduce(fn, ladder, broadcast, xs, valid, classes, chunk: int, varyi
         f = lambda bc, x: fn(bc[0], _with_stores(x, bc[1], ladder[b]))
 
         def run(p, ys, total):
-            out, zs = _vmap_reduce(f, broadcast, group(xs, p, subs[b]), group(valid, p, subs[b]))
+            out, zs = _vmap_reduce(f, broadcast, group(xs, p, subs[b]), group(valid, p, subs[b]),
+                                   reduction)
             ys = jax.tree.map(lambda a, y: jax.lax.dynamic_update_slice_in_dim(a, y, p, 0), ys,
                               out)
-            return p + subs[b], ys, jax.tree.map(jnp.add, total, zs)
+            return p + subs[b], ys, reduction.combine(total, zs) if jax.tree.leaves(zs) else total
         return run
 
     branches = [branch(b) for b in range(len(ladder))]
     one = jax.tree.map(lambda a: a[:1], (xs, valid))
     y_shape, z_shape = jax.eval_shape(lambda x, v: _vmap_reduce(
-        lambda bc, c: fn(bc[0], _with_stores(c, bc[1], ladder[0])), broadcast, x, v), *one)
+        lambda bc, c: fn(bc[0], _with_stores(c, bc[1], ladder[0])), broadcast, x, v, reduction),
+        *one)
     start = (jnp.zeros((), jnp.int32),
              jax.tree.map(lambda t: jnp.zeros((size + chunk,) + t.shape[1:], t.dtype), y_shape),
-             jax.tree.map(lambda t: jnp.zeros(t.shape, t.dtype), z_shape))
+             reduction.identity(jax.tree.map(lambda t: jnp.zeros(t.shape, t.dtype), z_shape)))
     if varying:
         start = jax.tree.map(lambda a: jax.lax.pcast(a, AXIS, to="varying"), start)
 
@@ -227,7 +244,7 @@ def _classed_reduce(fn, ladder, broadcast, xs, valid, classes, chunk: int, varyi
     return jax.tree.map(lambda a: a[:size], ys), total
 
 
-def _flat_map_reduce(fn, broadcast, xs, stores, execution: Execution):
+def _flat_map_reduce(fn, broadcast, xs, stores, execution: Execution, reduction: Reduction):
     """`map_reduce` with flat data: clients sorted by size class, run in classed groups.
 
     The cohort is ordered by size class (stably; dealt round-robin over
@@ -249,14 +266,14 @@ def _flat_map_reduce(fn, broadcast, xs, stores, execution: Execution):
     order = order.reshape(-1, devices).T.reshape(-1)  # deal round-robin over devices
     xs_s, valid_s = jax.tree.map(lambda a: a[order], (xs_p, valid))
     classes = _size_classes(xs_s, ladder)
-    fn_b = functools.partial(_classed_reduce, fn, ladder)
+    fn_b = functools.partial(_classed_reduce, fn, ladder, reduction)
     if devices == 1:
         ys, total = fn_b((broadcast, stores), xs_s, valid_s, classes, chunk, False)
     else:
         def per_device(b, x, v, c):
             b = jax.tree.map(lambda a: jax.lax.pcast(a, AXIS, to="varying"), b)
             ys, zs = fn_b(b, x, v, c, chunk, True)
-            return ys, jax.tree.map(lambda z: jax.lax.psum(z, AXIS), zs)
+            return ys, reduction.across(zs, AXIS) if jax.tree.leaves(zs) else zs
 
         ys, total = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(AXIS), P(AXIS), P(AXIS)),
                                   out_specs=(P(AXIS), P()))((broadcast, stores), xs_s, valid_s,
@@ -265,29 +282,64 @@ def _flat_map_reduce(fn, broadcast, xs, stores, execution: Execution):
     return jax.tree.map(lambda a: a[back][:size], ys), total
 
 
-def map_reduce(fn: Callable, broadcast, xs, execution: Execution):
-    """Maps `fn` over the leading client axis of `xs` and sums part of its output.
+def _overlapped_reduce(fn, broadcast, xs, chunk: int, reduction: Reduction = SUM):
+    """"chunked" when `chunk` does not divide S, without padded copies of xs and ys.
+
+    Chunk i covers rows [min(i chunk, S - chunk), + chunk): the last chunk
+    overlaps the one before, its rows already counted are masked out of the
+    reduction, and every row's y is written in place into one [S, ...] buffer
+    (the overlapping rows twice, with the same values). Padding instead would
+    copy every leaf of xs and of ys once more per call.
+    """
+    size = jax.tree.leaves(xs)[0].shape[0]
+    row = jax.tree.map(lambda a: a[0], xs)
+    y_shape, z_shape = jax.eval_shape(fn, broadcast, row)
+    ys = jax.tree.map(lambda s: jnp.zeros((size,) + s.shape, s.dtype), y_shape)
+    total = reduction.identity(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), z_shape))
+
+    def body(carry, i):
+        total, ys = carry
+        start = jnp.minimum(i * chunk, size - chunk)
+        x = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, start, chunk), xs)
+        y, z = _vmap_reduce(fn, broadcast, x, start + jnp.arange(chunk) >= i * chunk, reduction)
+        ys = jax.tree.map(lambda buf, v: jax.lax.dynamic_update_slice_in_dim(buf, v, start, 0),
+                          ys, y)
+        return (reduction.combine(total, z) if jax.tree.leaves(z) else total, ys), None
+
+    (total, ys), _ = jax.lax.scan(body, (total, ys), jnp.arange(-(-size // chunk)))
+    return ys, total
+
+
+def map_reduce(fn: Callable, broadcast, xs, execution: Execution,
+               reduction: Reduction = SUM):
+    """Maps `fn` over the leading client axis of `xs` and reduces part of its output.
 
     Args:
       fn: `fn(broadcast, x) -> (y, z)` for ONE client; `y` is kept per client,
-        `z` is summed over clients.
+        `z` is reduced over clients.
       broadcast: a pytree shared by all clients (e.g. server params).
       xs: a pytree with leaves [S, ...].
       execution: the strategy.
+      reduction: how the `z` combine (a `core.reductions.Reduction`; default
+        `SUM`). Padding rows count as its identity; "chunked" folds each chunk
+        and combines the running total, "sharded" also reduces across devices
+        with `reduction.across`.
 
     Returns:
-      (ys with leaves [S, ...], sum over clients of z).
+      (ys with leaves [S, ...], the reduction over clients of z).
     """
     xs, stores = _split_stores(xs)
     if any(store is not None for store in stores):
-        return _flat_map_reduce(fn, broadcast, xs, stores, execution)
+        return _flat_map_reduce(fn, broadcast, xs, stores, execution, reduction)
     size = jax.tree.leaves(xs)[0].shape[0]
     chunk = execution.chunk_size
     if execution.strategy == "vmap":
-        return _vmap_reduce(fn, broadcast, xs, jnp.ones((size,), bool))
+        return _vmap_reduce(fn, broadcast, xs, jnp.ones((size,), bool), reduction)
     if execution.strategy == "chunked":
+        if size > chunk and size % chunk:
+            return _overlapped_reduce(fn, broadcast, xs, chunk, reduction)
         xs_p, valid = _pad_rows(xs, min(chunk, size))
-        ys, total = _chunked_reduce(fn, broadcast, xs_p, valid, min(chunk, size))
+        ys, total = _chunked_reduce(fn, broadcast, xs_p, valid, min(chunk, size), reduction)
         return jax.tree.map(lambda a: a[:size], ys), total
 
     mesh = execution.mesh or client_mesh()
@@ -301,10 +353,12 @@ def map_reduce(fn: Callable, broadcast, xs, execution: Execution):
         # through them inside shard_map would psum per-client gradients.
         b = jax.tree.map(lambda a: jax.lax.pcast(a, AXIS, to="varying"), b)
         if chunk == v.shape[0]:
-            ys, zs = _vmap_reduce(fn, b, x, v)
+            ys, zs = _vmap_reduce(fn, b, x, v, reduction)
         else:
-            ys, zs = _chunked_reduce(fn, b, x, v, chunk, varying=True)
-        return ys, jax.tree.map(lambda z: jax.lax.psum(z, AXIS), zs)
+            ys, zs = _chunked_reduce(fn, b, x, v, chunk, reduction, varying=True)
+        if not jax.tree.leaves(zs):
+            return ys, zs
+        return ys, reduction.across(zs, AXIS)
 
     ys, total = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(AXIS), P(AXIS)),
                               out_specs=(P(AXIS), P()))(broadcast, xs_p, valid)

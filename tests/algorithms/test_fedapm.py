@@ -5,11 +5,13 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from fedjax_pfl import models, testing
 from fedjax_pfl.algorithms import fedalt, fedapm
-from fedjax_pfl.core import local, sampling
+from fedjax_pfl.algorithms.fedapm import shared_penalty
+from fedjax_pfl.core import local, partial, sampling
 from fedjax_pfl.core import params as params_lib
 
 MODEL = models.mlp((6,), 3, hidden=(8,))
@@ -95,6 +97,20 @@ def test_reduces_to_fedalt_without_admm_terms(tiny_train, cohort):
         testing.assert_trees_close(ma, mb, rtol=1e-5, atol=1e-6)
         for leaf in jax.tree.leaves(a.client_dual):
             assert not np.any(np.asarray(leaf))  # π stays at 0 when ρ = 0
+
+
+def test_shared_penalty_has_the_textbook_gradient():
+    """The penalty is written as (alpha wd + rho)/2 |u_i|^2 + <pi - rho u, u_i>; its gradient
+    must be that of alpha wd/2 |u_i|^2 + <pi, u_i - u> + rho/2 |u_i - u|^2."""
+    keys = jax.random.split(jax.random.key(5), 3)
+    u_i, u, dual = ({"a": jax.random.normal(k, (4, 3)), "b": jax.random.normal(k, (3,))}
+                    for k in keys)
+    alpha, wd, rho = 0.05, 0.01, 0.3
+    gap = lambda x: jax.tree.map(jnp.subtract, x, u)
+    textbook = lambda x: (alpha * wd / 2 * partial.sq_norm(x) + optax.tree.vdot(dual, gap(x))
+                          + rho / 2 * partial.sq_norm(gap(x)))
+    got = jax.grad(shared_penalty(dual, u, alpha, wd, rho))(u_i)
+    testing.assert_trees_close(got, jax.grad(textbook)(u_i), rtol=1e-6, atol=1e-6)
 
 
 def test_state_memory_is_v_plus_two_u_per_client(tiny_train):

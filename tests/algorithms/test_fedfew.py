@@ -14,8 +14,10 @@ import pytest
 from fedjax_pfl import models, testing
 from fedjax_pfl.algorithms import fedavg, fedfew, ifca
 from fedjax_pfl.algorithms.fedfew import stch_weights
+from fedjax_pfl.core.execution import Execution
 from fedjax_pfl.data.client_data import ClientData
 from fedjax_pfl.testing.common import client_row, train_one
+from fedjax_pfl.testing.dense_fedfew import dense_fedfew_round
 from fedjax_pfl.testing.naive_kmodels import stch_weights_reference
 
 MODEL = models.mlp((6,), 3, hidden=(8,))
@@ -89,6 +91,33 @@ def test_fedfew_other_paths_equal_naive_loop(tiny_train, config):
     got, got_m = jax.jit(algo.round)(state, tiny_train, KEY)
     testing.assert_trees_close(got, want, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(got_m["train_loss"], want_m["train_loss"], rtol=1e-5)
+
+
+STREAM_CFG = {"num_models": 3, "batch_size": 4, "local_steps": 1, "client_lr": 0.2,
+              "init": "independent", "diagnostics": True}
+
+
+@pytest.mark.parametrize("execution", [
+    Execution("vmap"), Execution("chunked", chunk_size=4), Execution("sharded", chunk_size=2)],
+    ids=["vmap", "chunked", "sharded"])
+def test_streamed_round_equals_the_dense_one(tiny_train, execution):
+    """The round streams sum_i alpha_i w_ik delta_ik through map_reduce; it must equal
+    the old dense form (every delta kept, weights from all the losses): with the
+    empty clients 3 and 8 in the cohort, for mu so small that e^{-x/mu} underflows
+    (1e-6: exponents ~1e5), and when no client has data (no update)."""
+    algo = fedfew(MODEL, execution=execution, **STREAM_CFG)
+    dense = dense_fedfew_round(MODEL, execution=execution, **STREAM_CFG)
+    both = jax.jit(lambda s, t: (algo.round(s, t, KEY), dense(s, t, KEY)))  # one compile
+    state = algo.init(jax.random.key(0), tiny_train)
+    no_data = tiny_train.replace(num_examples=jnp.zeros_like(tiny_train.num_examples))
+    for mu, train in [(0.1, tiny_train), (1e-6, tiny_train), (0.1, no_data)]:
+        st = state.replace(hparams={**state.hparams, "mu": jnp.float32(mu)})
+        (got, metrics), (params, _, losses) = both(st, train)
+        testing.assert_trees_close(got.params, params, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(metrics["diagnostics"]["losses"], losses, rtol=1e-6)
+        assert all(np.all(np.isfinite(a)) for a in jax.tree.leaves(got.params))
+        if train is no_data:
+            testing.assert_trees_close(got.params, st.params, rtol=0, atol=0)
 
 
 def test_fedfew_with_one_model_and_large_mu_is_unweighted_fedavg():

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedjax_pfl.core import sampling
+from fedjax_pfl.core import reductions, sampling
 from fedjax_pfl.core.execution import Execution, as_execution, map_clients, map_reduce
 
 
@@ -25,6 +25,32 @@ def test_map_reduce_strategies_agree(size, execution):
     np.testing.assert_allclose(total["sum_a"], np.asarray(xs["a"]).sum())
     assert float(total["count"]) == size  # padded rows are excluded from sums
     assert map_clients(lambda s, x: s * x["a"], 1.0, xs, execution).shape == (size, 3)
+
+
+# Log-weights far below exp's range (a plain sum of e^a x is 0 / 0), 400 e-folds
+# apart, and -inf (no weight): the softmax-weighted mean must still be exact.
+LOG_W = np.array([-1e4, -1e4 - 2.0, -np.inf, -1e4 + 1.0, -1e4 - 400.0, -np.inf, -1e4 + 0.5])
+GENERIC_LWS = reductions.Reduction(reductions.LOG_WEIGHTED_SUM.identity,
+                                   reductions.LOG_WEIGHTED_SUM.combine)  # default fold/across
+
+
+@pytest.mark.parametrize("reduction", [reductions.LOG_WEIGHTED_SUM, GENERIC_LWS],
+                         ids=["lws", "lws-generic"])
+@pytest.mark.parametrize("execution", [
+    Execution("vmap"), Execution("chunked", chunk_size=3), Execution("sharded"),
+    Execution("sharded", chunk_size=1)], ids=str)
+def test_log_weighted_sum_is_a_stable_softmax_mean_under_every_strategy(execution, reduction):
+    xs = {"a": jnp.arange(7 * 2, dtype=jnp.float32).reshape(7, 2) + 1.0,
+          "log_w": jnp.asarray(LOG_W, jnp.float32)}
+    term = lambda _, x: (x["a"][0], reductions.log_weighted_term(x["log_w"], x["a"]))
+    ys, total = jax.jit(lambda x: map_reduce(term, (), x, execution, reduction))(xs)
+    p = np.exp(LOG_W - LOG_W.max())
+    want = (p / p.sum()) @ np.asarray(xs["a"], np.float64)
+    np.testing.assert_allclose(reductions.log_weighted_mean(total), want, rtol=1e-6)
+    np.testing.assert_allclose(ys, np.asarray(xs["a"])[:, 0])
+    none = jax.jit(lambda x: map_reduce(term, (), x, execution, reduction))(
+        {**xs, "log_w": jnp.full((7,), -jnp.inf)})[1]
+    np.testing.assert_array_equal(reductions.log_weighted_mean(none), 0.0)  # no weight: zeros
 
 
 def test_sharded_gradients_of_replicated_inputs_are_not_summed_across_devices():
