@@ -21,7 +21,7 @@ Two modes, both in ONE process, writing JSON under benchmarks/results/:
   by round; prints FedFew / (K x FedAvg) against the <= 1.3 target.
 * `--memory`: XLA's memory analysis of the COMPILED FedFew round (nothing
   runs; inputs are shapes only), the streamed round against the dense
-  reference it replaced (`testing.dense_fedfew`, every client's K deltas
+  reference it replaced (`algorithms._fedfew_dense`, every client's K deltas
   kept: O(S K d)), on the speed workload at M = S = `--clients`.
 
   python benchmarks/k_models.py                      # comparison, ~15 min on 2 cores
@@ -301,7 +301,7 @@ def memory_rows(num_clients: int = 2000, *, num_models: int = 3, execution: str 
 
     import fedjax_pfl as fp
     from fedjax_pfl import algorithms as A
-    from fedjax_pfl.testing.dense_fedfew import dense_fedfew_round
+    from fedjax_pfl.algorithms._fedfew_dense import dense_fedfew_round
 
     n, f = SPEED["examples"], SPEED["features"]
     shape = jax.ShapeDtypeStruct

@@ -15,6 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = {
     "checkpoint_cost": ["--quick"],
+    "data_scale": ["--quick"],
     "driver_overhead": ["--quick"],
     "round_speed": ["--quick"],
     "k_models": ["--quick", "--seeds", "0"],

@@ -17,7 +17,7 @@ from fedjax_pfl.algorithms.fedfew import stch_weights
 from fedjax_pfl.core.execution import Execution
 from fedjax_pfl.data.client_data import ClientData
 from fedjax_pfl.testing.common import client_row, train_one
-from fedjax_pfl.testing.dense_fedfew import dense_fedfew_round
+from fedjax_pfl.algorithms._fedfew_dense import dense_fedfew_round
 from fedjax_pfl.testing.naive_kmodels import stch_weights_reference
 
 MODEL = models.mlp((6,), 3, hidden=(8,))

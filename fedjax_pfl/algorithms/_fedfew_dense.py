@@ -1,4 +1,8 @@
-"""FedFew's round as it was before streaming, kept as a reference.
+"""FedFew's round as it was before streaming (private: not a registered algorithm).
+
+It reuses FedFew's own client trainer, so it is an equivalence check of the
+streamed reduction, not an independent reference (those live in
+`fedjax_pfl.testing`, e.g. `naive_kmodels`).
 
 Every cohort client's K deltas are returned per client ([S, K, ...], O(S K d)
 memory), the weights are formed from all the losses with `stch_weights`, and
