@@ -18,6 +18,7 @@ from fedjax_pfl.algorithms.ifca import IFCAState, ifca
 from fedjax_pfl.algorithms.local_only import LocalState, local_only
 from fedjax_pfl.algorithms.meta_fl import MetaFLState, meta_fl, per_fedavg
 from fedjax_pfl.algorithms.pfedme import PFedMeState, pfedme
+from fedjax_pfl.algorithms.scaffold import SCAFFOLDState, scaffold
 
 ALGORITHMS = {
     # Reference points.
@@ -25,6 +26,7 @@ ALGORITHMS = {
     "fedprox": fedprox,
     "local": local_only,
     "fedavg_ft": fedavg_ft,
+    "scaffold": scaffold,
     # K shared models.
     "fedfew": fedfew,
     "ifca": ifca,
@@ -55,6 +57,7 @@ __all__ = [
     "MetaFLState",
     "PFedMeState",
     "PartialState",
+    "SCAFFOLDState",
     "apfl",
     "ditto",
     "fedalt",
@@ -71,4 +74,5 @@ __all__ = [
     "meta_fl",
     "per_fedavg",
     "pfedme",
+    "scaffold",
 ]

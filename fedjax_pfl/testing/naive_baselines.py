@@ -1,0 +1,165 @@
+"""Naive per-client references of SCAFFOLD, HypCluster, FedEM and LG-FedAvg.
+
+Written independently of the package's engine: the cohort, the minibatches
+and plain SGD are re-derived here from the documented key scheme (round key
+-> fold_in 0 samples the cohort, fold_in 1 then fold_in(client id) is the
+client's key; the client key splits into a batch-plan key and a step key),
+one Python step at a time on the UNPADDED rows, with aggregation in float64
+NumPy. Only plain SGD on clients and server is supported (the conformance
+suite's configuration).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def _check_sgd(cfg):
+    for name in ("client_optimizer", "server_optimizer"):
+        if cfg.get(name, "sgd") != "sgd":
+            raise NotImplementedError(f"naive references support plain SGD only ({name}).")
+
+
+def _row(tree, i):
+    return jax.tree.map(lambda a: a[i], tree)
+
+
+def _f64(tree):
+    return jax.tree.map(lambda a: np.asarray(a, np.float64), tree)
+
+
+def _f32(tree):
+    return jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), tree)
+
+
+def _cohort(train, key, cohort_size):
+    """(sorted client ids, base key of the client keys)."""
+    m = int(train.num_examples.shape[0])
+    sample_key, client_key = jax.random.fold_in(key, 0), jax.random.fold_in(key, 1)
+    if cohort_size is None or cohort_size == m:
+        return list(range(m)), client_key
+    ids = jax.random.choice(sample_key, m, (cohort_size,), replace=False)
+    return sorted(int(i) for i in np.asarray(ids)), client_key
+
+
+def _examples(train, i):
+    """Client i's unpadded examples (dict of [n_i, ...] arrays)."""
+    n = int(train.num_examples[i])
+    return {k: np.asarray(v[i])[:n] for k, v in train.examples.items()}
+
+
+def _plan(key, n, max_examples, cfg):
+    """[(row indices, step key)] of the steps that run, as the engine draws them."""
+    batch = cfg["batch_size"]
+    plan_key, step_key = jax.random.split(key)
+    if cfg["local_steps"] is not None:
+        total = cfg["local_steps"]
+        idx = np.asarray(jax.random.randint(plan_key, (total, batch), 0, max(n, 1)))
+        steps = [(t, idx[t]) for t in range(total)] if n > 0 else []
+    else:
+        epochs = cfg["local_epochs"] or 1
+        per_epoch = math.ceil(max_examples / batch)
+        total = epochs * per_epoch
+        steps = []
+        for e, k in enumerate(jax.random.split(plan_key, epochs)):
+            order = np.argsort(np.asarray(jax.random.uniform(k, (max_examples,)))[:n],
+                               kind="stable")
+            steps += [(e * per_epoch + b, order[b * batch:(b + 1) * batch])
+                      for b in range(per_epoch) if b * batch < n]
+    step_keys = jax.random.split(step_key, total)
+    return [(rows, step_keys[t]) for t, rows in steps]
+
+
+@functools.lru_cache(maxsize=16)
+def _grad_fn(model):
+    """jit(value_and_grad) of sum_b w_b loss_b(params) on one minibatch."""
+    def objective(params, batch, weights, key):
+        return jnp.sum(weights * model.loss(model.apply(params, batch, key), batch))
+    return jax.jit(jax.value_and_grad(objective))
+
+
+def sgd(model, params, examples, key, lr, cfg, *, example_weights=None, extra_grad=None):
+    """Plain minibatch SGD on one client. Returns (params, [(loss, count)] per step).
+
+    `example_weights` [n] multiplies each example's loss (FedEM's
+    responsibilities); `extra_grad` is added to every gradient (SCAFFOLD's
+    correction).
+    """
+    n = len(examples["y"])
+    max_examples = cfg["max_examples"]
+    grad = _grad_fn(model)
+    steps = []
+    for rows, step_key in _plan(key, n, max_examples, cfg):
+        batch = {k: jnp.asarray(v[rows]) for k, v in examples.items()}
+        w = np.full(len(rows), 1.0 / len(rows), np.float32)
+        if example_weights is not None:
+            w = w * np.asarray(example_weights, np.float32)[rows]
+        loss, g = grad(params, batch, jnp.asarray(w), step_key)
+        if extra_grad is not None:
+            g = jax.tree.map(jnp.add, g, extra_grad)
+        params = jax.tree.map(lambda p, d: p - lr * d, params, g)
+        steps.append((float(loss), len(rows)))
+    return params, steps
+
+
+def mean_step_loss(steps) -> float:
+    count = sum(c for _, c in steps)
+    return sum(loss * c for loss, c in steps) / max(count, 1)
+
+
+def example_losses(model, params, examples) -> np.ndarray:
+    """Per-example losses [n] (eval mode, float64)."""
+    if len(examples["y"]) == 0:
+        return np.zeros((0,))
+    batch = {k: jnp.asarray(v) for k, v in examples.items()}
+    return np.asarray(model.loss(model.apply(params, batch, None), batch), np.float64)
+
+
+def _config(train, cfg):
+    _check_sgd(cfg)
+    return {**cfg, "max_examples": int(next(iter(train.examples.values())).shape[1])}
+
+
+def _naive_scaffold(model, state, train, key, cfg):
+    cfg = _config(train, cfg)
+    ids, client_key = _cohort(train, key, cfg["clients_per_round"])
+    lr, server_lr = float(state.hparams["client_lr"]), float(state.hparams["server_lr"])
+    x, c = _f64(state.params), _f64(state.control)
+    controls = [_f64(_row(state.client_control, i)) for i in range(len(train.num_examples))]
+    delta, weight_sum, delta_c = jax.tree.map(np.zeros_like, x), 0.0, jax.tree.map(np.zeros_like, c)
+    loss_num, n_sum = 0.0, 0.0
+    for i in ids:
+        n = float(train.num_examples[i])
+        correction = _f32(jax.tree.map(np.subtract, c, controls[i]))
+        y, steps = sgd(model, state.params, _examples(train, i),
+                       jax.random.fold_in(client_key, i), lr, cfg, extra_grad=correction)
+        y = _f64(y)
+        if steps and lr > 0:  # option II with K = the steps taken
+            scale = len(steps) * lr
+            new = jax.tree.map(lambda ci, cc, a, b, s=scale: ci - cc + (a - b) / s,
+                               controls[i], c, x, y)
+            delta_c = jax.tree.map(lambda t, a, b: t + a - b, delta_c, new, controls[i])
+            controls[i] = new
+        w = n if cfg["weighting"] == "num_examples" else float(n > 0)
+        delta = jax.tree.map(lambda t, a, b, w=w: t + w * (a - b), delta, y, x)
+        weight_sum += w
+        loss_num += n * mean_step_loss(steps)
+        n_sum += n
+    mean = jax.tree.map(lambda d: d / weight_sum if weight_sum else 0 * d, delta)
+    with_data = float(np.sum(np.asarray(train.num_examples) > 0))
+    new = state.replace(
+        round=state.round + 1,
+        params=_f32(jax.tree.map(lambda a, d: a + server_lr * d, x, mean)),
+        control=_f32(jax.tree.map(lambda a, d: a + d / max(with_data, 1.0), c, delta_c)),
+        client_control=_f32(jax.tree.map(lambda *r: np.stack(r), *controls)))
+    return new, {"train_loss": loss_num / max(n_sum, 1.0)}
+
+
+NAIVE_ROUNDS = {
+    "scaffold": _naive_scaffold,
+}
