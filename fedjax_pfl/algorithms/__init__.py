@@ -14,6 +14,7 @@ from fedjax_pfl.algorithms.fedfew import FedFewState, fedfew
 from fedjax_pfl.algorithms.fedper import fedper
 from fedjax_pfl.algorithms.fedrep import fedrep
 from fedjax_pfl.algorithms.fedsim import fedsim
+from fedjax_pfl.algorithms.hypcluster import HypClusterState, hypcluster
 from fedjax_pfl.algorithms.ifca import IFCAState, ifca
 from fedjax_pfl.algorithms.local_only import LocalState, local_only
 from fedjax_pfl.algorithms.meta_fl import MetaFLState, meta_fl, per_fedavg
@@ -30,6 +31,7 @@ ALGORITHMS = {
     # K shared models.
     "fedfew": fedfew,
     "ifca": ifca,
+    "hypcluster": hypcluster,
     # Regularized / interpolated personal models.
     "ditto": ditto,
     "apfl": apfl,
@@ -52,6 +54,7 @@ __all__ = [
     "FedAPMState",
     "FedAvgState",
     "FedFewState",
+    "HypClusterState",
     "IFCAState",
     "LocalState",
     "MetaFLState",
@@ -69,6 +72,7 @@ __all__ = [
     "fedprox",
     "fedrep",
     "fedsim",
+    "hypcluster",
     "ifca",
     "local_only",
     "meta_fl",

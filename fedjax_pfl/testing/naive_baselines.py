@@ -160,6 +160,42 @@ def _naive_scaffold(model, state, train, key, cfg):
     return new, {"train_loss": loss_num / max(n_sum, 1.0)}
 
 
+def _mean_loss(model, params, examples) -> float:
+    losses = example_losses(model, params, examples)
+    return float(losses.mean()) if len(losses) else 0.0
+
+
+def _naive_hypcluster(model, state, train, key, cfg):
+    cfg = _config(train, cfg)
+    ids, client_key = _cohort(train, key, cfg["clients_per_round"])
+    lr, server_lr = float(state.hparams["client_lr"]), float(state.hparams["server_lr"])
+    hyps = [_row(state.params, k) for k in range(cfg["num_models"])]
+    deltas = [jax.tree.map(np.zeros_like, _f64(h)) for h in hyps]
+    weights = np.zeros(cfg["num_models"])
+    assignment = np.array(state.assignment)
+    loss_num, n_sum = 0.0, 0.0
+    for i in ids:
+        n = float(train.num_examples[i])
+        examples = _examples(train, i)
+        f = int(np.argmin([_mean_loss(model, h, examples) for h in hyps]))
+        trained, steps = sgd(model, hyps[f], examples, jax.random.fold_in(client_key, i), lr, cfg)
+        w = n if cfg["weighting"] == "num_examples" else float(n > 0)
+        deltas[f] = jax.tree.map(lambda t, a, b, w=w: t + w * (a - b), deltas[f], _f64(trained),
+                                 _f64(hyps[f]))
+        weights[f] += w
+        if n > 0:
+            assignment[i] = f
+        loss_num += n * mean_step_loss(steps)
+        n_sum += n
+    new_hyps = [jax.tree.map(lambda h, d, w=weights[k]: h + server_lr * (d / w if w else 0 * d),
+                             _f64(hyps[k]), deltas[k]) for k in range(cfg["num_models"])]
+    new = state.replace(round=state.round + 1,
+                        params=_f32(jax.tree.map(lambda *r: np.stack(r), *new_hyps)),
+                        assignment=jnp.asarray(assignment, jnp.int32))
+    return new, {"train_loss": loss_num / max(n_sum, 1.0)}
+
+
 NAIVE_ROUNDS = {
     "scaffold": _naive_scaffold,
+    "hypcluster": _naive_hypcluster,
 }

@@ -40,3 +40,30 @@ def test_scaffold_first_round_is_fedavg_and_c_is_the_mean_of_the_c_i(tiny_train)
     for c, c_i in zip(jax.tree.leaves(state.control), jax.tree.leaves(state.client_control)):
         np.testing.assert_allclose(c, np.asarray(c_i)[has_data].mean(0), atol=1e-6)
         np.testing.assert_array_equal(np.asarray(c_i)[~has_data], 0.0)
+
+
+def test_hypcluster_with_one_hypothesis_is_fedavg(tiny_train, tiny_test):
+    config = {**CONFIG, "local_epochs": 2, "clients_per_round": 5}
+    algo = ALGORITHMS["hypcluster"](MODEL, num_models=1, init="shared", **config)
+    got, got_m = run(algo, tiny_train, 3)
+    want, want_m = run(ALGORITHMS["fedavg"](MODEL, **config), tiny_train, 3)
+    testing.assert_trees_close(jax.tree.map(lambda a: a[0], got.params), want.params,
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got_m["train_loss"], want_m["train_loss"], rtol=1e-5)
+    np.testing.assert_array_equal(algo.evaluate(got, tiny_train, tiny_test)["model"], 0.0)
+
+
+def test_hypcluster_assigns_sampled_clients_to_their_min_loss_hypothesis(tiny_train):
+    algo = ALGORITHMS["hypcluster"](MODEL, num_models=2, clients_per_round=5, **CONFIG)
+    state = algo.init(jax.random.key(0), tiny_train)
+    new, _ = jax.jit(algo.round)(state, tiny_train, jax.random.key(3))
+    assignment = np.asarray(new.assignment)
+    for i in range(tiny_train.num_clients):
+        n = int(tiny_train.num_examples[i])
+        if assignment[i] < 0:
+            continue
+        batch = jax.tree.map(lambda a, n=n, i=i: a[i, :n], tiny_train.examples)
+        losses = [float(MODEL.loss(MODEL.apply(jax.tree.map(lambda a, k=k: a[k], state.params),
+                                               batch, None), batch).mean()) for k in range(2)]
+        assert assignment[i] == int(np.argmin(losses))
+    assert (assignment >= 0).sum() <= 5 and (assignment >= 0).any()
