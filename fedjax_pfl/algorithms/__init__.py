@@ -10,6 +10,7 @@ from fedjax_pfl.algorithms.fedalt import PartialState, fedalt
 from fedjax_pfl.algorithms.fedapm import FedAPMState, fedapm
 from fedjax_pfl.algorithms.fedavg import FedAvgState, fedavg, fedprox
 from fedjax_pfl.algorithms.fedavg_ft import fedavg_ft
+from fedjax_pfl.algorithms.fedem import FedEMState, fedem
 from fedjax_pfl.algorithms.fedfew import FedFewState, fedfew
 from fedjax_pfl.algorithms.fedper import fedper
 from fedjax_pfl.algorithms.fedrep import fedrep
@@ -32,6 +33,7 @@ ALGORITHMS = {
     "fedfew": fedfew,
     "ifca": ifca,
     "hypcluster": hypcluster,
+    "fedem": fedem,
     # Regularized / interpolated personal models.
     "ditto": ditto,
     "apfl": apfl,
@@ -53,6 +55,7 @@ __all__ = [
     "DittoState",
     "FedAPMState",
     "FedAvgState",
+    "FedEMState",
     "FedFewState",
     "HypClusterState",
     "IFCAState",
@@ -67,6 +70,7 @@ __all__ = [
     "fedapm",
     "fedavg",
     "fedavg_ft",
+    "fedem",
     "fedfew",
     "fedper",
     "fedprox",

@@ -195,7 +195,45 @@ def _naive_hypcluster(model, state, train, key, cfg):
     return new, {"train_loss": loss_num / max(n_sum, 1.0)}
 
 
+def _naive_fedem(model, state, train, key, cfg):
+    cfg = _config(train, cfg)
+    ids, client_key = _cohort(train, key, cfg["clients_per_round"])
+    lr, server_lr = float(state.hparams["client_lr"]), float(state.hparams["server_lr"])
+    num = cfg["num_models"]
+    comps = [_row(state.params, k) for k in range(num)]
+    deltas = [jax.tree.map(np.zeros_like, _f64(c)) for c in comps]
+    mixture = np.array(state.mixture, np.float64)
+    loss_num, n_sum = 0.0, 0.0
+    for i in ids:
+        n = float(train.num_examples[i])
+        examples = _examples(train, i)
+        if n > 0:  # E-step (log space), then M-step
+            log_q = np.log(mixture[i])[:, None] - np.stack(
+                [example_losses(model, c, examples) for c in comps])
+            log_q -= log_q.max(0, keepdims=True)
+            q = np.exp(log_q) / np.exp(log_q).sum(0, keepdims=True)
+            mixture[i] = q.mean(1)
+        else:
+            q = np.zeros((num, 0))
+        loss = 0.0
+        for k in range(num):
+            trained, steps = sgd(model, comps[k], examples, jax.random.fold_in(client_key, i), lr,
+                                 cfg, example_weights=q[k])
+            deltas[k] = jax.tree.map(lambda t, a, b, n=n: t + n * (a - b), deltas[k], _f64(trained),
+                                     _f64(comps[k]))
+            loss += mean_step_loss(steps)
+        loss_num += n * loss
+        n_sum += n
+    new_comps = [jax.tree.map(lambda c, d: c + server_lr * (d / n_sum if n_sum else 0 * d),
+                              _f64(comps[k]), deltas[k]) for k in range(num)]
+    new = state.replace(round=state.round + 1,
+                        params=_f32(jax.tree.map(lambda *r: np.stack(r), *new_comps)),
+                        mixture=jnp.asarray(mixture, jnp.float32))
+    return new, {"train_loss": loss_num / max(n_sum, 1.0)}
+
+
 NAIVE_ROUNDS = {
     "scaffold": _naive_scaffold,
     "hypcluster": _naive_hypcluster,
+    "fedem": _naive_fedem,
 }

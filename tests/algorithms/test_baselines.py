@@ -67,3 +67,38 @@ def test_hypcluster_assigns_sampled_clients_to_their_min_loss_hypothesis(tiny_tr
                                                batch, None), batch).mean()) for k in range(2)]
         assert assignment[i] == int(np.argmin(losses))
     assert (assignment >= 0).sum() <= 5 and (assignment >= 0).any()
+
+
+def test_fedem_with_one_component_is_fedavg(tiny_train, tiny_test):
+    config = {**CONFIG, "local_epochs": 2, "clients_per_round": 5}
+    algo = ALGORITHMS["fedem"](MODEL, num_models=1, init="shared", **config)
+    got, got_m = run(algo, tiny_train, 3)
+    fedavg = ALGORITHMS["fedavg"](MODEL, **config)
+    want, want_m = run(fedavg, tiny_train, 3)
+    testing.assert_trees_close(jax.tree.map(lambda a: a[0], got.params), want.params,
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got_m["train_loss"], want_m["train_loss"], rtol=1e-5)
+    np.testing.assert_array_equal(got.mixture, 1.0)
+    testing.assert_trees_close(algo.evaluate(got, tiny_train, tiny_test),
+                               fedavg.evaluate(want, tiny_train, tiny_test), rtol=1e-4, atol=1e-5)
+
+
+def test_fedem_mixture_weights_are_the_mean_responsibilities(tiny_train):
+    """With client_lr = 0 only the E/M steps act: pi_i is the mean over client i's
+    examples of q(k) ∝ pi_ik exp(-loss_k), a distribution over the K components."""
+    algo = ALGORITHMS["fedem"](MODEL, num_models=2, **{**CONFIG, "client_lr": 0.0})
+    state = algo.init(jax.random.key(0), tiny_train)
+    new, _ = jax.jit(algo.round)(state, tiny_train, jax.random.key(1))
+    testing.assert_trees_close(new.params, state.params, rtol=0, atol=0)
+    for i in range(tiny_train.num_clients):
+        n = int(tiny_train.num_examples[i])
+        if n == 0:
+            np.testing.assert_array_equal(new.mixture[i], 0.5)
+            continue
+        batch = jax.tree.map(lambda a, n=n, i=i: a[i, :n], tiny_train.examples)
+        losses = np.stack([np.asarray(MODEL.loss(MODEL.apply(
+            jax.tree.map(lambda a, k=k: a[k], state.params), batch, None), batch), np.float64)
+            for k in range(2)])
+        q = np.exp(-losses) / np.exp(-losses).sum(0)  # uniform prior pi = 1/2
+        np.testing.assert_allclose(new.mixture[i], q.mean(1), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(new.mixture).sum(1), 1.0, rtol=1e-6)

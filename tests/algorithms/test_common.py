@@ -33,8 +33,9 @@ EXTRA = {  # per-algorithm settings so that every code path is exercised
     "fedfew": {"num_models": 2, "mu": 0.1},  # K=2 keeps the compiles cheap
     "ifca": {"num_models": 2},
     "hypcluster": {"num_models": 2},
+    "fedem": {"num_models": 2},
 }
-SHARED_INIT = ("ifca", "hypcluster")  # K models built from one given init need init="shared"
+SHARED_INIT = ("ifca", "hypcluster", "fedem")  # K copies of one given init need init="shared"
 COHORT = 5
 ROUND_KEY = jax.random.key(42)
 
@@ -270,7 +271,7 @@ def test_init_from_given_params_equals_init_from_their_key(name, tiny_train):
     testing.assert_trees_close(got, want, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("name", ["fedfew", "ifca", "hypcluster"])
+@pytest.mark.parametrize("name", ["fedfew", "ifca", "hypcluster", "fedem"])
 def test_k_models_take_a_given_stack(name, tiny_train):
     algo, config, _, _ = build(name)
     stack = jax.vmap(MODEL.init)(jax.random.split(jax.random.key(3), config["num_models"]))
