@@ -17,6 +17,7 @@ from fedjax_pfl.algorithms.fedrep import fedrep
 from fedjax_pfl.algorithms.fedsim import fedsim
 from fedjax_pfl.algorithms.hypcluster import HypClusterState, hypcluster
 from fedjax_pfl.algorithms.ifca import IFCAState, ifca
+from fedjax_pfl.algorithms.lg_fedavg import LGFedAvgState, lg_fedavg
 from fedjax_pfl.algorithms.local_only import LocalState, local_only
 from fedjax_pfl.algorithms.meta_fl import MetaFLState, meta_fl, per_fedavg
 from fedjax_pfl.algorithms.pfedme import PFedMeState, pfedme
@@ -47,6 +48,7 @@ ALGORITHMS = {
     "fedsim": fedsim,
     "fedrep": fedrep,
     "fedper": fedper,
+    "lg_fedavg": lg_fedavg,
 }
 
 __all__ = [
@@ -59,6 +61,7 @@ __all__ = [
     "FedFewState",
     "HypClusterState",
     "IFCAState",
+    "LGFedAvgState",
     "LocalState",
     "MetaFLState",
     "PFedMeState",
@@ -78,6 +81,7 @@ __all__ = [
     "fedsim",
     "hypcluster",
     "ifca",
+    "lg_fedavg",
     "local_only",
     "meta_fl",
     "per_fedavg",

@@ -232,8 +232,46 @@ def _naive_fedem(model, state, train, key, cfg):
     return new, {"train_loss": loss_num / max(n_sum, 1.0)}
 
 
+def _path(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+                    for k in path)
+
+
+def _naive_lg_fedavg(model, state, train, key, cfg):
+    cfg = _config(train, cfg)
+    ids, client_key = _cohort(train, key, cfg["clients_per_round"])
+    lr = float(state.hparams["client_lr"])
+    flat, treedef = jax.tree_util.tree_flatten_with_path(jax.eval_shape(model.init, key))
+    paths = [_path(p) for p, _ in flat]
+    g = _f64(state.global_params)
+    local_rows = [_f64(_row(state.client_local, i)) for i in range(len(train.num_examples))]
+    delta, weight_sum, loss_num, n_sum = {k: 0 * v for k, v in g.items()}, 0.0, 0.0, 0.0
+    for i in ids:
+        n = float(train.num_examples[i])
+        both = {**g, **local_rows[i]}
+        params = jax.tree_util.tree_unflatten(treedef, [jnp.asarray(both[p], jnp.float32)
+                                                        for p in paths])
+        trained, steps = sgd(model, params, _examples(train, i),
+                             jax.random.fold_in(client_key, i), lr, cfg)
+        trained = {_path(p): np.asarray(a, np.float64)
+                   for p, a in jax.tree_util.tree_flatten_with_path(trained)[0]}
+        local_rows[i] = {k: trained[k] for k in local_rows[i]}
+        w = n if cfg["weighting"] == "num_examples" else float(n > 0)
+        delta = {k: delta[k] + w * (trained[k] - g[k]) for k in g}
+        weight_sum += w
+        loss_num += n * mean_step_loss(steps)
+        n_sum += n
+    new_g = {k: g[k] + (delta[k] / weight_sum if weight_sum else 0.0) for k in g}
+    client_local = ({k: np.stack([r[k] for r in local_rows]) for k in local_rows[0]}
+                    if local_rows[0] else {})
+    new = state.replace(round=state.round + 1, global_params=_f32(new_g),
+                        client_local=_f32(client_local))
+    return new, {"train_loss": loss_num / max(n_sum, 1.0)}
+
+
 NAIVE_ROUNDS = {
     "scaffold": _naive_scaffold,
+    "lg_fedavg": _naive_lg_fedavg,
     "hypcluster": _naive_hypcluster,
     "fedem": _naive_fedem,
 }

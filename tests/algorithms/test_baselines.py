@@ -2,6 +2,7 @@
 
 import jax
 import numpy as np
+import pytest
 
 from fedjax_pfl import models, testing
 from fedjax_pfl.algorithms import ALGORITHMS
@@ -102,3 +103,43 @@ def test_fedem_mixture_weights_are_the_mean_responsibilities(tiny_train):
         q = np.exp(-losses) / np.exp(-losses).sum(0)  # uniform prior pi = 1/2
         np.testing.assert_allclose(new.mixture[i], q.mean(1), rtol=1e-5)
     np.testing.assert_allclose(np.asarray(new.mixture).sum(1), 1.0, rtol=1e-6)
+
+
+def test_lg_fedavg_with_every_layer_global_is_fedavg(tiny_train, tiny_test):
+    config = {**CONFIG, "local_epochs": 2, "clients_per_round": 5}
+    algo = ALGORITHMS["lg_fedavg"](MODEL, global_layers=".", **config)
+    got, got_m = run(algo, tiny_train, 3)
+    fedavg = ALGORITHMS["fedavg"](MODEL, **config)
+    want, want_m = run(fedavg, tiny_train, 3)
+    assert got.client_local == {}
+    flat = {"/".join(k.key for k in p): a
+            for p, a in jax.tree_util.tree_flatten_with_path(want.params)[0]}
+    testing.assert_trees_close(got.global_params, flat, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got_m["train_loss"], want_m["train_loss"], rtol=1e-5)
+    testing.assert_trees_close(algo.evaluate(got, tiny_train, tiny_test),
+                               fedavg.evaluate(want, tiny_train, tiny_test), rtol=1e-5, atol=1e-5)
+
+
+def test_lg_fedavg_keeps_the_representation_local_and_averages_the_head(tiny_train):
+    algo = ALGORITHMS["lg_fedavg"](MODEL, clients_per_round=5, local_steps=2, **CONFIG)
+    assert set(algo.init(jax.random.key(0), tiny_train).global_params) == {"head/bias",
+                                                                           "head/kernel"}
+    state, _ = run(algo, tiny_train, 3)
+    kernels = np.asarray(state.client_local["hidden_0/kernel"])
+    trained = [i for i in range(tiny_train.num_clients) if not np.array_equal(kernels[i],
+                                                                               kernels[3])]
+    assert len(trained) >= 5  # client 3 has no data: its representation never moves
+    assert len({kernels[i].tobytes() for i in trained}) == len(trained)  # each its own
+
+
+def test_argument_errors_name_the_argument():
+    for name, kwargs, match in [
+            ("scaffold", {"weighting": "size"}, "^weighting:"),
+            ("hypcluster", {"num_models": 0}, "^num_models:"),
+            ("hypcluster", {"init": "random"}, "^init:"),
+            ("fedem", {"num_models": 1.5}, "^num_models:"),
+            ("fedem", {"server_lr": -1.0}, "^server_lr:"),
+            ("lg_fedavg", {"global_layers": ("nope",)}, "^global_layers:"),
+            ("lg_fedavg", {"weighting": "size"}, "^weighting:")]:
+        with pytest.raises(ValueError, match=match):
+            ALGORITHMS[name](MODEL, **kwargs)
