@@ -10,6 +10,7 @@ from fedjax_pfl.algorithms.fedalt import PartialState, fedalt
 from fedjax_pfl.algorithms.fedapm import FedAPMState, fedapm
 from fedjax_pfl.algorithms.fedavg import FedAvgState, fedavg, fedprox
 from fedjax_pfl.algorithms.fedavg_ft import fedavg_ft
+from fedjax_pfl.algorithms.fedbabu import FedBABUState, fedbabu
 from fedjax_pfl.algorithms.fedem import FedEMState, fedem
 from fedjax_pfl.algorithms.fedfew import FedFewState, fedfew
 from fedjax_pfl.algorithms.fedper import fedper
@@ -49,6 +50,7 @@ ALGORITHMS = {
     "fedrep": fedrep,
     "fedper": fedper,
     "lg_fedavg": lg_fedavg,
+    "fedbabu": fedbabu,
 }
 
 __all__ = [
@@ -57,6 +59,7 @@ __all__ = [
     "DittoState",
     "FedAPMState",
     "FedAvgState",
+    "FedBABUState",
     "FedEMState",
     "FedFewState",
     "HypClusterState",
@@ -73,6 +76,7 @@ __all__ = [
     "fedapm",
     "fedavg",
     "fedavg_ft",
+    "fedbabu",
     "fedem",
     "fedfew",
     "fedper",

@@ -83,12 +83,13 @@ def _grad_fn(model):
     return jax.jit(jax.value_and_grad(objective))
 
 
-def sgd(model, params, examples, key, lr, cfg, *, example_weights=None, extra_grad=None):
+def sgd(model, params, examples, key, lr, cfg, *, example_weights=None, extra_grad=None,
+        grad_mask=None):
     """Plain minibatch SGD on one client. Returns (params, [(loss, count)] per step).
 
     `example_weights` [n] multiplies each example's loss (FedEM's
     responsibilities); `extra_grad` is added to every gradient (SCAFFOLD's
-    correction).
+    correction); `grad_mask` (0/1 per leaf) freezes leaves (FedBABU's head).
     """
     n = len(examples["y"])
     max_examples = cfg["max_examples"]
@@ -99,11 +100,13 @@ def sgd(model, params, examples, key, lr, cfg, *, example_weights=None, extra_gr
         w = np.full(len(rows), 1.0 / len(rows), np.float32)
         if example_weights is not None:
             w = w * np.asarray(example_weights, np.float32)[rows]
-        loss, g = grad(params, batch, jnp.asarray(w), step_key)
+        value, g = grad(params, batch, jnp.asarray(w), step_key)
         if extra_grad is not None:
             g = jax.tree.map(jnp.add, g, extra_grad)
+        if grad_mask is not None:
+            g = jax.tree.map(jnp.multiply, g, grad_mask)
         params = jax.tree.map(lambda p, d: p - lr * d, params, g)
-        steps.append((float(loss), len(rows)))
+        steps.append((float(value), len(rows)))
     return params, steps
 
 
@@ -269,8 +272,39 @@ def _naive_lg_fedavg(model, state, train, key, cfg):
     return new, {"train_loss": loss_num / max(n_sum, 1.0)}
 
 
+def _naive_fedbabu(model, state, train, key, cfg):
+    cfg = _config(train, cfg)
+    if not isinstance(cfg["head"], (tuple, list)):
+        raise NotImplementedError("the naive FedBABU takes `head` as top-level module names.")
+    ids, client_key = _cohort(train, key, cfg["clients_per_round"])
+    lr = float(state.hparams["client_lr"])
+    flat, treedef = jax.tree_util.tree_flatten_with_path(jax.eval_shape(model.init, key))
+    paths = [_path(p) for p, _ in flat]
+    both = {**state.head, **state.body}
+    params = jax.tree_util.tree_unflatten(treedef, [both[p] for p in paths])
+    mask = jax.tree_util.tree_unflatten(
+        treedef, [float(p.split("/")[0] not in cfg["head"]) for p in paths])
+    body = _f64(state.body)
+    delta, weight_sum, loss_num, n_sum = {k: 0 * v for k, v in body.items()}, 0.0, 0.0, 0.0
+    for i in ids:
+        n = float(train.num_examples[i])
+        trained, steps = sgd(model, params, _examples(train, i),
+                             jax.random.fold_in(client_key, i), lr, cfg, grad_mask=mask)
+        trained = {_path(p): np.asarray(a, np.float64)
+                   for p, a in jax.tree_util.tree_flatten_with_path(trained)[0]}
+        w = n if cfg["weighting"] == "num_examples" else float(n > 0)
+        delta = {k: delta[k] + w * (trained[k] - body[k]) for k in body}
+        weight_sum += w
+        loss_num += n * mean_step_loss(steps)
+        n_sum += n
+    new_body = {k: body[k] + (delta[k] / weight_sum if weight_sum else 0.0) for k in body}
+    new = state.replace(round=state.round + 1, body=_f32(new_body))
+    return new, {"train_loss": loss_num / max(n_sum, 1.0)}
+
+
 NAIVE_ROUNDS = {
     "scaffold": _naive_scaffold,
+    "fedbabu": _naive_fedbabu,
     "lg_fedavg": _naive_lg_fedavg,
     "hypcluster": _naive_hypcluster,
     "fedem": _naive_fedem,

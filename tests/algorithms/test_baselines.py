@@ -2,6 +2,7 @@
 
 import jax
 import numpy as np
+import optax
 import pytest
 
 from fedjax_pfl import models, testing
@@ -132,6 +133,34 @@ def test_lg_fedavg_keeps_the_representation_local_and_averages_the_head(tiny_tra
     assert len({kernels[i].tobytes() for i in trained}) == len(trained)  # each its own
 
 
+def test_fedbabu_is_fedavg_with_the_head_frozen_and_fine_tunes_at_evaluation(tiny_train,
+                                                                            tiny_test):
+    config = {**CONFIG, "local_epochs": 2, "clients_per_round": 5}
+    algo = ALGORITHMS["fedbabu"](MODEL, ft_steps=0, **config)
+    got, got_m = run(algo, tiny_train, 3)
+    frozen = lambda lr: optax.multi_transform(
+        {"train": optax.sgd(lr), "freeze": optax.set_to_zero()},
+        lambda p: {k: jax.tree.map(lambda _, k=k: "freeze" if k == "head" else "train", v)
+                   for k, v in p.items()})
+    fedavg = ALGORITHMS["fedavg"](MODEL, client_optimizer=frozen, **config)
+    want, want_m = run(fedavg, tiny_train, 3)
+    init = MODEL.init(jax.random.key(0))
+    testing.assert_trees_close(got.head, {"head/bias": init["head"]["bias"],
+                                          "head/kernel": init["head"]["kernel"]}, rtol=0, atol=0)
+    testing.assert_trees_close(got.body, {"hidden_0/bias": want.params["hidden_0"]["bias"],
+                                          "hidden_0/kernel": want.params["hidden_0"]["kernel"]},
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got_m["train_loss"], want_m["train_loss"], rtol=1e-5)
+    # ft_steps=0: the global model as it is; fine-tuning then changes the result.
+    testing.assert_trees_close(algo.evaluate(got, tiny_train, tiny_test),
+                               fedavg.evaluate(want, tiny_train, tiny_test), rtol=1e-5, atol=1e-5)
+    for head_only in (False, True):
+        tuned = ALGORITHMS["fedbabu"](MODEL, ft_steps=5, ft_lr=0.5, ft_head_only=head_only,
+                                      **config).evaluate(got, tiny_train, tiny_test)
+        assert not np.allclose(tuned["loss_sum"], algo.evaluate(got, tiny_train,
+                                                                tiny_test)["loss_sum"])
+
+
 def test_argument_errors_name_the_argument():
     for name, kwargs, match in [
             ("scaffold", {"weighting": "size"}, "^weighting:"),
@@ -140,6 +169,9 @@ def test_argument_errors_name_the_argument():
             ("fedem", {"num_models": 1.5}, "^num_models:"),
             ("fedem", {"server_lr": -1.0}, "^server_lr:"),
             ("lg_fedavg", {"global_layers": ("nope",)}, "^global_layers:"),
-            ("lg_fedavg", {"weighting": "size"}, "^weighting:")]:
+            ("lg_fedavg", {"weighting": "size"}, "^weighting:"),
+            ("fedbabu", {"head": ("nope",)}, "^head:"),
+            ("fedbabu", {"ft_steps": -1}, "^ft_local_steps:"),
+            ("fedbabu", {"ft_head_only": 1}, "^ft_head_only:")]:
         with pytest.raises(ValueError, match=match):
             ALGORITHMS[name](MODEL, **kwargs)

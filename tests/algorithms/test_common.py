@@ -34,6 +34,7 @@ EXTRA = {  # per-algorithm settings so that every code path is exercised
     "ifca": {"num_models": 2},
     "hypcluster": {"num_models": 2},
     "fedem": {"num_models": 2},
+    "fedbabu": {"ft_steps": 2},
 }
 SHARED_INIT = ("ifca", "hypcluster", "fedem")  # K copies of one given init need init="shared"
 COHORT = 5
