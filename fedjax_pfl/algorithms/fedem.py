@@ -17,7 +17,8 @@ Clients outside the cohort keep pi_i bit-identical.
 Paper symbol -> argument: M (components) -> `num_models`, J (local steps) ->
 `local_steps` / `local_epochs`, `client_lr`, `clients_per_round`.
 Choices: pi_i starts uniform (1/K) and components from independent inits, as
-in the released code (`init="shared"` starts them equal). Every component is
+in the released code (`init="shared"` starts them equal, and equal components
+get equal responsibilities and stay equal: meant for K = 1). Every component is
 trained on the same minibatches (the client's key), where the released code
 reshuffles per component; with K = 1 (and `init="shared"`) FedEM is FedAvg
 exactly. A client with no data keeps pi_i. `train_loss` is the summed
