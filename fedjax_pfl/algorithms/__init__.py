@@ -15,6 +15,7 @@ from fedjax_pfl.algorithms.fedem import FedEMState, fedem
 from fedjax_pfl.algorithms.fedfew import FedFewState, fedfew
 from fedjax_pfl.algorithms.fedper import fedper
 from fedjax_pfl.algorithms.fedrep import fedrep
+from fedjax_pfl.algorithms.fedrod import FedRoDState, fedrod
 from fedjax_pfl.algorithms.fedsim import fedsim
 from fedjax_pfl.algorithms.hypcluster import HypClusterState, hypcluster
 from fedjax_pfl.algorithms.ifca import IFCAState, ifca
@@ -51,6 +52,7 @@ ALGORITHMS = {
     "fedper": fedper,
     "lg_fedavg": lg_fedavg,
     "fedbabu": fedbabu,
+    "fedrod": fedrod,
 }
 
 __all__ = [
@@ -62,6 +64,7 @@ __all__ = [
     "FedBABUState",
     "FedEMState",
     "FedFewState",
+    "FedRoDState",
     "HypClusterState",
     "IFCAState",
     "LGFedAvgState",
@@ -82,6 +85,7 @@ __all__ = [
     "fedper",
     "fedprox",
     "fedrep",
+    "fedrod",
     "fedsim",
     "hypcluster",
     "ifca",

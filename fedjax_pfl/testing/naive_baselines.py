@@ -84,12 +84,13 @@ def _grad_fn(model):
 
 
 def sgd(model, params, examples, key, lr, cfg, *, example_weights=None, extra_grad=None,
-        grad_mask=None):
+        grad_mask=None, loss=None):
     """Plain minibatch SGD on one client. Returns (params, [(loss, count)] per step).
 
     `example_weights` [n] multiplies each example's loss (FedEM's
     responsibilities); `extra_grad` is added to every gradient (SCAFFOLD's
-    correction); `grad_mask` (0/1 per leaf) freezes leaves (FedBABU's head).
+    correction); `grad_mask` (0/1 per leaf) freezes leaves (FedBABU's head);
+    `loss(params, batch, key) -> [B]` replaces the model's loss (FedRoD).
     """
     n = len(examples["y"])
     max_examples = cfg["max_examples"]
@@ -100,7 +101,11 @@ def sgd(model, params, examples, key, lr, cfg, *, example_weights=None, extra_gr
         w = np.full(len(rows), 1.0 / len(rows), np.float32)
         if example_weights is not None:
             w = w * np.asarray(example_weights, np.float32)[rows]
-        value, g = grad(params, batch, jnp.asarray(w), step_key)
+        if loss is None:
+            value, g = grad(params, batch, jnp.asarray(w), step_key)
+        else:
+            value, g = jax.value_and_grad(lambda p, b=batch, w=w, k=step_key: jnp.sum(
+                jnp.asarray(w) * loss(p, b, k)))(params)
         if extra_grad is not None:
             g = jax.tree.map(jnp.add, g, extra_grad)
         if grad_mask is not None:
@@ -302,8 +307,56 @@ def _naive_fedbabu(model, state, train, key, cfg):
     return new, {"train_loss": loss_num / max(n_sum, 1.0)}
 
 
+def _ce(logits, y):
+    return -jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], 1)[:, 0]
+
+
+def _naive_fedrod(model, state, train, key, cfg):
+    cfg = _config(train, cfg)
+    if not isinstance(cfg["head"], (tuple, list)):
+        raise NotImplementedError("the naive FedRoD takes `head` as top-level module names.")
+    ids, client_key = _cohort(train, key, cfg["clients_per_round"])
+    lr = float(state.hparams["client_lr"])
+    heads = [_row(state.personal_head, i) for i in range(len(train.num_examples))]
+    x = _f64(state.params)
+    delta, weight_sum, loss_num, n_sum = jax.tree.map(np.zeros_like, x), 0.0, 0.0, 0.0
+    for i in ids:
+        n = float(train.num_examples[i])
+        examples = _examples(train, i)
+        num_classes = jax.eval_shape(model.apply, state.params,
+                                     {k: v[i] for k, v in train.examples.items()}, None).shape[-1]
+        counts = np.bincount(examples["y"], minlength=num_classes).astype(np.float32)
+        log_counts = jnp.asarray(np.where(counts > 0, np.log(np.maximum(counts, 1)), -1e9),
+                                 jnp.float32)
+
+        def loss(p, batch, k, log_counts=log_counts):
+            params, h = p
+            generic = model.apply(params, batch, k)
+            swapped = {**jax.lax.stop_gradient(params),
+                       **{name: h[name] for name in cfg["head"]}}
+            personal = model.apply(swapped, batch, k)
+            return (_ce(generic + log_counts[None, :], batch["y"])
+                    + _ce(jax.lax.stop_gradient(generic) + personal, batch["y"]))
+
+        head_tree = {name: {leaf.split("/", 1)[1]: a for leaf, a in heads[i].items()
+                            if leaf.split("/", 1)[0] == name} for name in cfg["head"]}
+        (trained, h), steps = sgd(model, (state.params, head_tree), examples,
+                                  jax.random.fold_in(client_key, i), lr, cfg, loss=loss)
+        heads[i] = {f"{name}/{leaf}": a for name in cfg["head"] for leaf, a in h[name].items()}
+        w = n if cfg["weighting"] == "num_examples" else float(n > 0)
+        delta = jax.tree.map(lambda t, a, b, w=w: t + w * (a - b), delta, _f64(trained), x)
+        weight_sum += w
+        loss_num += n * mean_step_loss(steps)
+        n_sum += n
+    params = jax.tree.map(lambda a, d: a + (d / weight_sum if weight_sum else 0 * d), x, delta)
+    new = state.replace(round=state.round + 1, params=_f32(params), personal_head=_f32(
+        {k: np.stack([np.asarray(h[k]) for h in heads]) for k in heads[0]}))
+    return new, {"train_loss": loss_num / max(n_sum, 1.0)}
+
+
 NAIVE_ROUNDS = {
     "scaffold": _naive_scaffold,
+    "fedrod": _naive_fedrod,
     "fedbabu": _naive_fedbabu,
     "lg_fedavg": _naive_lg_fedavg,
     "hypcluster": _naive_hypcluster,

@@ -161,6 +161,27 @@ def test_fedbabu_is_fedavg_with_the_head_frozen_and_fine_tunes_at_evaluation(tin
                                                                 tiny_test)["loss_sum"])
 
 
+def test_fedrod_generic_model_is_fedavg_on_class_balanced_clients():
+    """With equal class counts the balanced softmax only shifts every logit by the same
+    log-count, so the body and generic head follow FedAvg; the personal heads train."""
+    from fedjax_pfl.data.client_data import ClientData
+    rng = np.random.default_rng(0)
+    balanced = ClientData.from_clients([
+        {"x": rng.normal(size=(6 * (i + 1), 6)).astype(np.float32),
+         "y": np.tile(np.arange(3, dtype=np.int32), 2 * (i + 1))} for i in range(4)],
+        num_classes=3)
+    config = {**CONFIG, "local_epochs": 2, "clients_per_round": 3}
+    algo = ALGORITHMS["fedrod"](MODEL, **config)
+    got, got_m = run(algo, balanced, 3)
+    want, _ = run(ALGORITHMS["fedavg"](MODEL, **config), balanced, 3)
+    testing.assert_trees_close(got.params, want.params, rtol=1e-5, atol=1e-6)
+    start = algo.init(jax.random.key(0), balanced).personal_head
+    moved = [not np.array_equal(got.personal_head["head/kernel"][i], start["head/kernel"][i])
+             for i in range(4)]
+    assert sum(moved) >= 3
+    assert np.isfinite(got_m["train_loss"])
+
+
 def test_argument_errors_name_the_argument():
     for name, kwargs, match in [
             ("scaffold", {"weighting": "size"}, "^weighting:"),
@@ -172,6 +193,8 @@ def test_argument_errors_name_the_argument():
             ("lg_fedavg", {"weighting": "size"}, "^weighting:"),
             ("fedbabu", {"head": ("nope",)}, "^head:"),
             ("fedbabu", {"ft_steps": -1}, "^ft_local_steps:"),
-            ("fedbabu", {"ft_head_only": 1}, "^ft_head_only:")]:
+            ("fedbabu", {"ft_head_only": 1}, "^ft_head_only:"),
+            ("fedrod", {"head": "nomatch$"}, "^head:"),
+            ("fedrod", {"client_lr": -0.1}, "^client_lr:")]:
         with pytest.raises(ValueError, match=match):
             ALGORITHMS[name](MODEL, **kwargs)
