@@ -2,7 +2,7 @@
 
 Reference:
   Oh, Kim, Yun, "FedBABU: Toward Enhanced Representation for Federated Image
-  Classification", ICLR 2022 (arXiv 2106.06042), Algorithm 1.
+  Classification", ICLR 2022 (arXiv 2106.06042).
 
 The head (classifier) keeps its random initialization for the whole training:
 every cohort client trains only the body theta_body (head frozen, gradients
@@ -16,7 +16,7 @@ Paper symbol -> argument: head -> `head`, E -> `local_epochs`, B ->
 `batch_size`, fine-tuning epochs tau -> `ft_epochs` (or `ft_steps`), its lr ->
 `ft_lr`.
 Choices: the paper personalizes by fine-tuning the whole model (the default);
-`ft_head_only=True` fine-tunes the head alone (the paper's ablation). The
+`ft_head_only=True` fine-tunes the head alone (also studied in the paper). The
 fine-tuning order of client i uses `fold_in(key(ft_seed), i)`, as `fedavg_ft`.
 """
 

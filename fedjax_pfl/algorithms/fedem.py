@@ -20,8 +20,8 @@ Choices: pi_i starts uniform (1/K) and components from independent inits, as
 in the released code (`init="shared"` starts them equal, and equal components
 get equal responsibilities and stay equal: meant for K = 1). Every component is
 trained on the same minibatches (the client's key), where the released code
-reshuffles per component; with K = 1 (and `init="shared"`) FedEM is FedAvg
-exactly. A client with no data keeps pi_i. `train_loss` is the summed
+draws each component's batches separately; so with K = 1 (and `init="shared"`)
+FedEM is FedAvg exactly. A client with no data keeps pi_i. `train_loss` is the summed
 responsibility-weighted loss of the components (the M-step objective).
 Evaluation predicts with the client's mixture sum_k pi_ik softmax(f_k(x)) (the
 model's outputs are read as logits).

@@ -2,8 +2,8 @@
 
 Reference:
   Chen, Chao, "On Bridging Generic and Personalized Federated Learning for
-  Image Classification", ICLR 2022 (arXiv 2107.00778), Algorithm 1 (linear
-  personal head, no hypernetwork).
+  Image Classification", ICLR 2022 (arXiv 2107.00778); the variant with a
+  linear personal head (no hypernetwork).
 
 The model is a body f and a head; FedRoD keeps two heads on f: the generic
 head g (federated with the body) and a personal head h_i per client. Each

@@ -2,8 +2,8 @@
 
 Reference:
   Mansour, Mohri, Ro, Suresh, "Three Approaches for Personalization with
-  Applications to Federated Learning", arXiv 2002.10619, 2020 (Section 3,
-  the HypCluster algorithm).
+  Applications to Federated Learning", arXiv 2002.10619, 2020 (user
+  clustering: the HypCluster algorithm).
 
 The objective is min_{h_1..h_K} sum_i (n_i / n) min_k L_i(h_k). Each round:
   1. every cohort client i computes f(i) = argmin_k L_i(h_k) on its training

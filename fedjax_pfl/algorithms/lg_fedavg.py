@@ -3,7 +3,7 @@
 Reference:
   Liang, Liu, Ziyin, Allen, Auerbach, Brent, Salakhutdinov, Morency, "Think
   Locally, Act Globally: Federated Learning with Local and Global
-  Representations", arXiv 2001.01523, 2020 (Algorithm 1).
+  Representations", arXiv 2001.01523, 2020.
 
 The model is split into local layers l_i (the representation: every client
 keeps its own, stacked [M, ...]) and global layers g (by default the `head`,
