@@ -37,6 +37,7 @@ from fedjax_pfl.core import aggregation, algorithm, local
 from fedjax_pfl.core import execution as ex
 from fedjax_pfl.core import round as round_lib
 from fedjax_pfl.core.algorithm import FederatedAlgorithm
+from fedjax_pfl.data.client_data import ClientData, client_capacity, client_examples
 from fedjax_pfl.models.model import Model
 
 INITS = ("independent", "shared")
@@ -123,14 +124,15 @@ def fedem(
         params, hp = broadcast
         pi, data, key = x
         n = data.num_examples.astype(jnp.float32)
-        rows = jnp.arange(jax.tree.leaves(data.examples)[0].shape[0]) < data.num_examples
-        losses = jax.vmap(lambda t: model.loss(model.apply(t, data.examples, None),
-                                               data.examples))(params)  # [K, N]
+        examples = client_examples(data)  # [N, ...] in either layout
+        rows = jnp.arange(client_capacity(data)) < data.num_examples
+        losses = jax.vmap(lambda t: model.loss(model.apply(t, examples, None),
+                                               examples))(params)  # [K, N]
         q = jnp.where(rows, jax.nn.softmax(jnp.log(pi)[:, None] - losses, axis=0), 0.0)  # E-step
         new_pi = jnp.where(n > 0, jnp.sum(q, 1) / jnp.maximum(n, 1.0), pi)  # M-step
 
         def train_component(theta, q_k):
-            weighted = data.replace(examples={**data.examples, WEIGHT: q_k})
+            weighted = ClientData({**examples, WEIGHT: q_k}, data.num_examples)  # dense view
             return schedule.train(weighted_loss, theta, weighted, key, hp["client_lr"])
 
         result = jax.vmap(train_component)(params, q)

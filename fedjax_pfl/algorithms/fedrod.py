@@ -36,6 +36,7 @@ from fedjax_pfl.core import execution as ex
 from fedjax_pfl.core import params as params_lib
 from fedjax_pfl.core import round as round_lib
 from fedjax_pfl.core.algorithm import FederatedAlgorithm
+from fedjax_pfl.data.client_data import client_examples
 from fedjax_pfl.models.model import Model, cross_entropy
 
 WEIGHTINGS = ("num_examples", "uniform")
@@ -116,9 +117,10 @@ def fedrod(
     def client_update(broadcast, x):
         params, hp = broadcast
         h, data, key, weight = x
-        num_classes = jax.eval_shape(model.apply, params, data.examples, None).shape[-1]
-        rows = jnp.arange(data.examples["y"].shape[0]) < data.num_examples
-        counts = jnp.sum(jax.nn.one_hot(data.examples["y"], num_classes) * rows[:, None], 0)
+        examples = client_examples(data)  # [N, ...] in either layout
+        num_classes = jax.eval_shape(model.apply, params, examples, None).shape[-1]
+        rows = jnp.arange(examples["y"].shape[0]) < data.num_examples
+        counts = jnp.sum(jax.nn.one_hot(examples["y"], num_classes) * rows[:, None], 0)
         log_counts = jnp.where(counts > 0, jnp.log(jnp.maximum(counts, 1.0)), -1e9)
         result = schedule.train(fedrod_loss(log_counts), (params, h), data, key,
                                 hp["client_lr"])

@@ -51,6 +51,7 @@ DEFAULTS = {
     **naive_kmodels.DEFAULTS,
     **naive_partial.DEFAULTS,
     **naive_meta.DEFAULTS,
+    **naive_baselines.DEFAULTS,
 }
 
 

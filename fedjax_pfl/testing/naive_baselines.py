@@ -49,8 +49,7 @@ def _cohort(train, key, cohort_size):
 
 def _examples(train, i):
     """Client i's unpadded examples (dict of [n_i, ...] arrays)."""
-    n = int(train.num_examples[i])
-    return {k: np.asarray(v[i])[:n] for k, v in train.examples.items()}
+    return train.client_arrays(i)
 
 
 def _plan(key, n, max_examples, cfg):
@@ -130,7 +129,7 @@ def example_losses(model, params, examples) -> np.ndarray:
 
 def _config(train, cfg):
     _check_sgd(cfg)
-    return {**cfg, "max_examples": int(next(iter(train.examples.values())).shape[1])}
+    return {**cfg, "max_examples": int(train.max_examples)}
 
 
 def _naive_scaffold(model, state, train, key, cfg):
@@ -323,8 +322,9 @@ def _naive_fedrod(model, state, train, key, cfg):
     for i in ids:
         n = float(train.num_examples[i])
         examples = _examples(train, i)
-        num_classes = jax.eval_shape(model.apply, state.params,
-                                     {k: v[i] for k, v in train.examples.items()}, None).shape[-1]
+        num_classes = jax.eval_shape(model.apply, state.params, {
+            k: jnp.zeros((1,) + train.example_shape(k), v.dtype)
+            for k, v in train.examples.items()}, None).shape[-1]
         counts = np.bincount(examples["y"], minlength=num_classes).astype(np.float32)
         log_counts = jnp.asarray(np.where(counts > 0, np.log(np.maximum(counts, 1)), -1e9),
                                  jnp.float32)
@@ -361,4 +361,18 @@ NAIVE_ROUNDS = {
     "lg_fedavg": _naive_lg_fedavg,
     "hypcluster": _naive_hypcluster,
     "fedem": _naive_fedem,
+}
+
+# The factory defaults of the arguments each reference reads (checked against the
+# factories' signatures by the test suite).
+_SCHEDULE = {"clients_per_round": None, "batch_size": 32, "local_steps": None,
+             "local_epochs": None, "client_optimizer": "sgd"}
+DEFAULTS = {
+    "scaffold": {**_SCHEDULE, "server_optimizer": "sgd", "weighting": "uniform"},
+    "hypcluster": {**_SCHEDULE, "server_optimizer": "sgd", "weighting": "num_examples",
+                   "num_models": 2},
+    "fedem": {**_SCHEDULE, "server_optimizer": "sgd", "num_models": 2},
+    "lg_fedavg": {**_SCHEDULE, "weighting": "num_examples"},
+    "fedbabu": {**_SCHEDULE, "weighting": "num_examples", "head": ("head",)},
+    "fedrod": {**_SCHEDULE, "weighting": "num_examples", "head": ("head",)},
 }
