@@ -10,14 +10,20 @@ from fedjax_pfl.algorithms.fedalt import PartialState, fedalt
 from fedjax_pfl.algorithms.fedapm import FedAPMState, fedapm
 from fedjax_pfl.algorithms.fedavg import FedAvgState, fedavg, fedprox
 from fedjax_pfl.algorithms.fedavg_ft import fedavg_ft
+from fedjax_pfl.algorithms.fedbabu import FedBABUState, fedbabu
+from fedjax_pfl.algorithms.fedem import FedEMState, fedem
 from fedjax_pfl.algorithms.fedfew import FedFewState, fedfew
 from fedjax_pfl.algorithms.fedper import fedper
 from fedjax_pfl.algorithms.fedrep import fedrep
+from fedjax_pfl.algorithms.fedrod import FedRoDState, fedrod
 from fedjax_pfl.algorithms.fedsim import fedsim
+from fedjax_pfl.algorithms.hypcluster import HypClusterState, hypcluster
 from fedjax_pfl.algorithms.ifca import IFCAState, ifca
+from fedjax_pfl.algorithms.lg_fedavg import LGFedAvgState, lg_fedavg
 from fedjax_pfl.algorithms.local_only import LocalState, local_only
 from fedjax_pfl.algorithms.meta_fl import MetaFLState, meta_fl, per_fedavg
 from fedjax_pfl.algorithms.pfedme import PFedMeState, pfedme
+from fedjax_pfl.algorithms.scaffold import SCAFFOLDState, scaffold
 
 ALGORITHMS = {
     # Reference points.
@@ -25,9 +31,12 @@ ALGORITHMS = {
     "fedprox": fedprox,
     "local": local_only,
     "fedavg_ft": fedavg_ft,
+    "scaffold": scaffold,
     # K shared models.
     "fedfew": fedfew,
     "ifca": ifca,
+    "hypcluster": hypcluster,
+    "fedem": fedem,
     # Regularized / interpolated personal models.
     "ditto": ditto,
     "apfl": apfl,
@@ -41,6 +50,9 @@ ALGORITHMS = {
     "fedsim": fedsim,
     "fedrep": fedrep,
     "fedper": fedper,
+    "lg_fedavg": lg_fedavg,
+    "fedbabu": fedbabu,
+    "fedrod": fedrod,
 }
 
 __all__ = [
@@ -49,26 +61,38 @@ __all__ = [
     "DittoState",
     "FedAPMState",
     "FedAvgState",
+    "FedBABUState",
+    "FedEMState",
     "FedFewState",
+    "FedRoDState",
+    "HypClusterState",
     "IFCAState",
+    "LGFedAvgState",
     "LocalState",
     "MetaFLState",
     "PFedMeState",
     "PartialState",
+    "SCAFFOLDState",
     "apfl",
     "ditto",
     "fedalt",
     "fedapm",
     "fedavg",
     "fedavg_ft",
+    "fedbabu",
+    "fedem",
     "fedfew",
     "fedper",
     "fedprox",
     "fedrep",
+    "fedrod",
     "fedsim",
+    "hypcluster",
     "ifca",
+    "lg_fedavg",
     "local_only",
     "meta_fl",
     "per_fedavg",
     "pfedme",
+    "scaffold",
 ]

@@ -24,7 +24,13 @@ import jax
 
 from fedjax_pfl.data.client_data import ClientData
 from fedjax_pfl.models.model import Model
-from fedjax_pfl.testing import naive_fedavg, naive_kmodels, naive_meta, naive_partial
+from fedjax_pfl.testing import (
+    naive_baselines,
+    naive_fedavg,
+    naive_kmodels,
+    naive_meta,
+    naive_partial,
+)
 from fedjax_pfl.testing.common import (
     assert_trees_close,
     check_algorithm_does_not_smoke,
@@ -37,6 +43,7 @@ NAIVE_ROUNDS = {
     **naive_kmodels.NAIVE_ROUNDS,
     **naive_partial.NAIVE_ROUNDS,
     **naive_meta.NAIVE_ROUNDS,
+    **naive_baselines.NAIVE_ROUNDS,
 }
 
 DEFAULTS = {
@@ -44,6 +51,7 @@ DEFAULTS = {
     **naive_kmodels.DEFAULTS,
     **naive_partial.DEFAULTS,
     **naive_meta.DEFAULTS,
+    **naive_baselines.DEFAULTS,
 }
 
 

@@ -32,7 +32,11 @@ EXTRA = {  # per-algorithm settings so that every code path is exercised
     "pfedme": {"inner_steps": 2, "lam": 2.0},
     "fedfew": {"num_models": 2, "mu": 0.1},  # K=2 keeps the compiles cheap
     "ifca": {"num_models": 2},
+    "hypcluster": {"num_models": 2},
+    "fedem": {"num_models": 2},
+    "fedbabu": {"ft_steps": 2},
 }
+SHARED_INIT = ("ifca", "hypcluster", "fedem")  # K copies of one given init need init="shared"
 COHORT = 5
 ROUND_KEY = jax.random.key(42)
 
@@ -259,7 +263,7 @@ def test_given_cohort_equals_the_sampled_one(name, tiny_train):
 def test_init_from_given_params_equals_init_from_their_key(name, tiny_train):
     """`init(key, train, params)` builds the same state as an init whose model
     init gives `params` (K-model algorithms: K copies, as `init="shared"`)."""
-    algo, _, _, _ = build(name, **({"init": "shared"} if name == "ifca" else {}))
+    algo, _, _, _ = build(name, **({"init": "shared"} if name in SHARED_INIT else {}))
     given = MODEL.init(jax.random.key(7))
     got = algo.init(jax.random.key(0), tiny_train, jax.tree.map(np.asarray, given))
     want = algo.init(jax.random.key(7), tiny_train)
@@ -268,7 +272,7 @@ def test_init_from_given_params_equals_init_from_their_key(name, tiny_train):
     testing.assert_trees_close(got, want, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("name", ["fedfew", "ifca"])
+@pytest.mark.parametrize("name", ["fedfew", "ifca", "hypcluster", "fedem"])
 def test_k_models_take_a_given_stack(name, tiny_train):
     algo, config, _, _ = build(name)
     stack = jax.vmap(MODEL.init)(jax.random.split(jax.random.key(3), config["num_models"]))
