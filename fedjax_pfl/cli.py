@@ -43,6 +43,8 @@ RUN_OPTIONS = {
     "train_fraction": (float, 0.75, "per-client training fraction"),
     "max_examples_per_client": (int, None, "cap each client's train and test examples at N (a "
                                            "seeded random subsample)"),
+    "min_examples": (int, 0, "drop the clients holding fewer than N examples (train + test), as "
+                             "LEAF's --min_samples"),
     "layout": (str, "auto", "client data layout: auto (flat when padding to the largest client "
                             "would more than double memory), dense or flat"),
     "clients": (int, 20, "number of clients"),
@@ -63,7 +65,8 @@ RUN_OPTIONS = {
                            "with one round's client ids per line)"),
 }
 MINIMUM = {"clients": 1, "rounds": 0, "eval_every": 1, "seed": 0, "data_seed": 0, "chunk_size": 1,
-           "devices": 1, "checkpoint_every": 0, "max_examples_per_client": 1}
+           "devices": 1, "checkpoint_every": 0, "max_examples_per_client": 1,
+           "min_examples": 0}
 SUMMARY_KEYS = ("acc_weighted", "acc_mean", "acc_std", "acc_min", "acc_p10", "acc_p50",
                 "acc_p90", "acc_jain")
 
@@ -293,13 +296,14 @@ def _load_data(cfg: dict):
                             partition=cfg["partition"], seed=seed,
                             train_fraction=cfg["train_fraction"],
                             max_examples_per_client=cfg["max_examples_per_client"],
-                            layout=cfg["layout"], **({} if natural else kwargs))
+                            min_examples=cfg["min_examples"], layout=cfg["layout"],
+                            **({} if natural else kwargs))
     return fp.data.federated_dataset(
         cfg["dataset"], num_clients=cfg["clients"], partition=cfg["partition"],
         seed=cfg["seed"] if cfg.get("data_seed") is None else cfg["data_seed"],
         train_fraction=cfg["train_fraction"], image=cfg["model"] == "cnn",
-        max_examples_per_client=cfg["max_examples_per_client"], layout=cfg["layout"],
-        **_dataset_kwargs(cfg))
+        max_examples_per_client=cfg["max_examples_per_client"],
+        min_examples=cfg["min_examples"], layout=cfg["layout"], **_dataset_kwargs(cfg))
 
 
 def _build(cfg: dict, algo_kwargs: dict, data=None, processes=None):

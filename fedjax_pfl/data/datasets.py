@@ -350,8 +350,8 @@ DATASETS: dict[str, Callable[..., Any]] = {
 
 def federated_dataset(name: str, *, num_clients: int, partition: str = "dirichlet",
                       seed: int = 0, train_fraction: float = 0.75, image: bool = False,
-                      max_examples_per_client: int | None = None, layout: str = "auto",
-                      **kwargs) -> tuple[ClientData, ClientData, dict[str, Any]]:
+                      max_examples_per_client: int | None = None, min_examples: int = 0,
+                      layout: str = "auto", **kwargs) -> tuple[ClientData, ClientData, dict[str, Any]]:
     """Builds train and test `ClientData` for a registered dataset in one call.
 
     For "digits" and "mnist", the pooled data is split by `PARTITIONS[partition]`
@@ -371,6 +371,9 @@ def federated_dataset(name: str, *, num_clients: int, partition: str = "dirichle
       max_examples_per_client: cap each client's train and test examples at
         this, by a random subsample seeded by `seed` (long-tailed data);
         "synthetic" caps the generated client sizes instead.
+      min_examples: drop the clients holding fewer examples (train + test;
+        before the cap, except for "synthetic"), as LEAF's `--min_samples`
+        does; info["num_clients"] is then the number kept.
       layout: `ClientData` layout: "auto" (flat when padding every client to
         the largest would more than double memory, as for synthetic's
         long-tailed sizes), "dense" or "flat".
@@ -386,6 +389,7 @@ def federated_dataset(name: str, *, num_clients: int, partition: str = "dirichle
     num_clients = validation.check_int("num_clients", num_clients, minimum=1)
     if max_examples_per_client is not None:
         validation.check_int("max_examples_per_client", max_examples_per_client, minimum=1)
+    validation.check_int("min_examples", min_examples, minimum=0)
     if layout not in LAYOUTS:
         raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}.")
     seed = validation.check_seed("seed", seed)
@@ -415,6 +419,9 @@ def federated_dataset(name: str, *, num_clients: int, partition: str = "dirichle
         x, y = DATASETS[name](image=image)
         num_classes = int(y.max()) + 1
         parts = _call(PARTITIONS[partition], y, num_clients, seed=seed, **kwargs)
+    parts = [p for p in parts if len(p) >= min_examples]
+    if not parts:
+        raise ValueError(f"min_examples: no client holds {min_examples} examples or more.")
     train_idx, test_idx = train_test_split(parts, train_fraction=train_fraction, seed=seed + 1)
     if max_examples_per_client is not None:
         cap = max_examples_per_client
@@ -430,7 +437,7 @@ def federated_dataset(name: str, *, num_clients: int, partition: str = "dirichle
         "name": name,
         "num_classes": num_classes,
         "input_shape": tuple(x.shape[1:]),
-        "num_clients": num_clients,
+        "num_clients": len(train_idx),
         "partition": partition,
         "train_sizes": np.array([len(i) for i in train_idx]),
         "test_sizes": np.array([len(i) for i in test_idx]),

@@ -46,7 +46,7 @@ def _options(name: str) -> set[str]:
 
 def load(name: str, root, *, num_clients: int | None = None, partition: str = "dirichlet",
          seed: int = 0, train_fraction: float = 0.75, max_examples_per_client: int | None = None,
-         layout: str = "auto", **options) -> tuple[ClientData, ClientData, dict[str, Any]]:
+         min_examples: int = 0, layout: str = "auto", **options) -> tuple[ClientData, ClientData, dict[str, Any]]:
     """Train and test `ClientData` of a dataset read from local files, like `federated_dataset`.
 
     Naturally federated formats (LEAF, TFF HDF5, PFLlib) keep their clients
@@ -65,6 +65,9 @@ def load(name: str, root, *, num_clients: int | None = None, partition: str = "d
       train_fraction: per-client training fraction where a split is made.
       max_examples_per_client: cap each client's train and test examples at
         this, by a seeded random subsample.
+      min_examples: drop the clients holding fewer examples (train + test,
+        before the cap), as LEAF's `--min_samples` does; applied before
+        `num_clients` takes the first N of naturally federated data.
       layout: `ClientData` layout, "auto" (flat when padding to the largest
         client would more than double memory), "dense" or "flat".
       **options: options of the format (e.g. label="coarse" for CIFAR-100,
@@ -94,6 +97,7 @@ def load(name: str, root, *, num_clients: int | None = None, partition: str = "d
     validation.check_real("train_fraction", train_fraction, minimum=0, maximum=1, strict=True)
     if max_examples_per_client is not None:
         validation.check_int("max_examples_per_client", max_examples_per_client, minimum=1)
+    validation.check_int("min_examples", min_examples, minimum=0)
     if layout not in LAYOUTS:
         raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}.")
     reader_kw = {k: v for k, v in options.items() if k in _options(name)}
@@ -103,6 +107,9 @@ def load(name: str, root, *, num_clients: int | None = None, partition: str = "d
             raise ValueError(f"options: {name} has no option {sorted(other)}; its options are "
                              f"{sorted(_options(name))}.")
         train, test, meta = NATURAL[name](name, root, **reader_kw)
+        if min_examples:
+            sizes = {c: len(d["y"]) for c, d in test or ()}
+            train = [(c, d) for c, d in train if len(d["y"]) + sizes.get(c, 0) >= min_examples]
         train = train[:num_clients]
         if test is None:
             parts = [np.arange(len(d["y"])) for _, d in train]
@@ -127,11 +134,14 @@ def load(name: str, root, *, num_clients: int | None = None, partition: str = "d
         x, y, num_classes = CENTRAL[name](name, root, **reader_kw)
         meta, ids = {"num_classes": num_classes}, None
         parts = _call(PARTITIONS[partition], y, num_clients, seed=seed, **other)
+        parts = [p for p in parts if len(p) >= min_examples]
         tr, te = train_test_split(parts, train_fraction=train_fraction, seed=seed + 1)
         train = [{"x": x[i], "y": y[i]} for i in tr]
         test = [{"x": x[i], "y": y[i]} for i in te]
     if not train:
-        raise ValueError(f"root: {name}: {root!r} holds no clients.")
+        raise ValueError(f"root: {name}: {root!r} holds no clients"
+                         + (f" with at least min_examples={min_examples} examples." if min_examples
+                            else "."))
     if max_examples_per_client is not None:
         rng = np.random.default_rng(seed)
         train, test = ([_cap(d, max_examples_per_client, rng) for d in s] for s in (train, test))

@@ -235,6 +235,14 @@ def test_federated_dataset_synthetic():
     assert sizes.sum() == total and sizes.max() - sizes.min() <= 1
     with pytest.raises(ValueError, match="image"):
         D.federated_dataset("synthetic", num_clients=3, image=True)
+    keep = [i for i, c in enumerate(clients) if len(c["y"]) >= 100]
+    assert 0 < len(keep) < 6
+    small, _, info = D.federated_dataset("synthetic", num_clients=6, seed=2, min_examples=100, **kw)
+    assert info["num_clients"] == small.num_clients == len(keep)
+    np.testing.assert_array_equal(info["train_sizes"] + info["test_sizes"],
+                                  [len(clients[i]["y"]) for i in keep])
+    with pytest.raises(ValueError, match="min_examples"):
+        D.federated_dataset("synthetic", num_clients=6, seed=2, min_examples=10**6, **kw)
 
 
 def test_federated_dataset_unknown_names():

@@ -40,6 +40,11 @@ def test_femnist(tmp_path):
     train, _, info = fp.data.load("femnist", root=tmp_path, num_clients=2,
                                   max_examples_per_client=4)
     assert list(info["train_sizes"]) == [4, 3] and train.num_clients == 2
+    # f1 holds 3 + 1 < 5 examples: dropped before the first N are taken.
+    train, _, info = fp.data.load("femnist", root=tmp_path, num_clients=2, min_examples=5)
+    assert info["client_ids"] == ["f0", "f2"] and list(info["train_sizes"]) == [5, 4]
+    with pytest.raises(ValueError, match="min_examples=99"):
+        fp.data.load("femnist", root=tmp_path, min_examples=99)
 
 
 def test_shakespeare_maps_leaf_letters(tmp_path):
