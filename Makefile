@@ -27,10 +27,10 @@ demo: $(VENV)/.demo
 	$(VENV)/bin/fedjax-pfl demo --out demo_results
 
 test: $(VENV)/.test
-	$(PY) -m pytest -q -n 2 -m "not slow" --durations=15
+	$(PY) -m pytest -q -n 2 -m "not slow" --dist loadgroup --durations=15
 
 test-slow: $(VENV)/.test
-	$(PY) -m pytest -q -n 2 -m slow --durations=15
+	$(PY) -m pytest -q -n 2 -m slow --dist loadgroup --durations=15
 
 bench: $(VENV)/.test
 	$(PY) -m pip install --quiet -e ".[bench]"

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -86,6 +87,11 @@ class Checkpoints:
                 round_, args=args.Composite(state=args.StandardRestore(abstract)))["state"]
         except Exception as e:  # noqa: BLE001
             raise ValueError(f"checkpoint: cannot read {where!r}: {_one_line(e)}") from e
+        # Orbax commits every leaf to a device; leaves the template left uncommitted stay
+        # so, or the resumed run would compile its round a second time.
+        restored = jax.tree.map(
+            lambda r, t: r if getattr(t, "committed", True) else jnp.asarray(np.asarray(r)),
+            restored, template)
         return restored, meta
 
     def close(self) -> None:

@@ -15,11 +15,11 @@ import pytest  # noqa: E402
 
 from fedjax_pfl import testing  # noqa: E402
 
-# FedAvg and Local run the whole conformance suite in the default (fast) tier;
+# FedAvg runs the whole conformance suite in the default (fast) tier;
 # the other algorithms run its costly checks (marked `costly`) in the slow tier,
 # which CI also runs (`make test-slow`). Every algorithm runs the cheap checks,
 # including equality with its naive per-client loop, in the fast tier.
-FULL_CONFORMANCE = {"fedavg", "local"}
+FULL_CONFORMANCE = {"fedavg"}
 
 
 def pytest_collection_modifyitems(items):
@@ -28,6 +28,8 @@ def pytest_collection_modifyitems(items):
         name = params.params.get("name") if params else None
         if item.get_closest_marker("costly") and name not in FULL_CONFORMANCE:
             item.add_marker(pytest.mark.slow)
+        if isinstance(name, str):  # one algorithm's tests on one worker share its compiles
+            item.add_marker(pytest.mark.xdist_group(name))
 
 
 # Every compiled XLA:CPU executable keeps its JIT code mapped (about three

@@ -174,6 +174,7 @@ def test_diverged_run_writes_partial_results_and_exits_1(tmp_path, capsys):
     assert (out / "rounds.jsonl").exists() and (out / "evals.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_demo_writes_table_figure_and_runs(tmp_path, capsys):
     # Zero rounds: every method is built, initialised and evaluated once (the rounds'
     # compiles, ~4 s a method, are left to test_demo.py's slow test).

@@ -67,6 +67,7 @@ def test_place_shards_client_leaves_and_leaves_indivisible_m_alone():
         distributed.client_block(10, mesh)
 
 
+@pytest.mark.slow
 def test_simulate_with_a_mesh_places_once_and_gives_identical_results():
     train = testing.random_client_data(0, 12, empty=(3,))
     test = testing.random_client_data(1, 12, empty=(3,))

@@ -44,6 +44,7 @@ def test_example_with_decay_one_is_fedavg(example, tiny_train, tiny_test, monkey
     assert counts.sum() == 3 * 4 and counts.max() <= 3  # 3 rounds of 4 clients, each once a round
 
 
+@pytest.mark.slow
 def test_example_decay_is_traced_and_applied(example, tiny_train, tiny_test):
     # decay = 1 and 0 in one vmapped compile (full participation): decay 1 is FedAvg;
     # decay 0 trains in round 1 only, so its evaluations after rounds 1, 2, 3 are equal.

@@ -79,6 +79,7 @@ def test_resume_refuses_another_schedule(tiny_train, tiny_test, tmp_path):
                     cohorts=schedule[::-1], checkpoint_dir=str(tmp_path))
 
 
+@pytest.mark.slow
 def test_init_params_through_simulate_and_grid(tiny_train, tiny_test):
     """The round-0 evaluation is the given model's; the server optimizer starts from it."""
     given = MODEL.init(jax.random.key(11))
@@ -111,6 +112,7 @@ def _diag_round(factory, train, **kw):
     return state, got, d
 
 
+@pytest.mark.slow
 def test_fedfew_diagnostics(tiny_train):
     state, _, d = _diag_round(fedfew, tiny_train, num_models=2, mu=0.1, clients_per_round=6,
                               **KW)
@@ -124,6 +126,7 @@ def test_fedfew_diagnostics(tiny_train):
     np.testing.assert_array_equal(d["model"], d["losses"].argmin(1))
 
 
+@pytest.mark.slow
 def test_ifca_diagnostics(tiny_train):
     state, _, d = _diag_round(ifca, tiny_train, num_models=2, clients_per_round=5, **KW)
     losses = jax.jit(jax.vmap(kmodels.train_losses, (None, None, 0)), static_argnums=0)(
@@ -176,6 +179,7 @@ def test_fedapm_refuses_steps_and_epochs_together():
     assert fedapm(MODEL, local_steps=2) is not None  # steps alone replace the 3 default epochs
 
 
+@pytest.mark.slow
 def test_cli_replays_a_schedule_from_given_params(tmp_path, capsys):
     model = fp.models.mlp((64,), 10)
     params_file = str(tmp_path / "init.npz")

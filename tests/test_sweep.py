@@ -95,6 +95,7 @@ def swept(tmp_path_factory):
     return out, fp.sweep(GRID, base=BASE, algorithm_kwargs=FIXED, out=out, progress=False)
 
 
+@pytest.mark.slow
 def test_sweep_writes_table_points_and_plots(swept):
     out, frame = swept
     assert len(frame) == 16 and set(frame["status"]) == {"finished"}
@@ -116,6 +117,7 @@ def test_sweep_writes_table_points_and_plots(swept):
         "round_time_vs_clients.png"]
 
 
+@pytest.mark.slow
 def test_vmapped_points_equal_single_runs(swept):
     out, frame = swept
     points = sweep_lib.expand_grid(GRID, BASE, FIXED)
@@ -128,6 +130,7 @@ def test_vmapped_points_equal_single_runs(swept):
             np.testing.assert_allclose(row[key], final[key], rtol=1e-5, atol=1e-5, err_msg=key)
 
 
+@pytest.mark.slow
 def test_resume_reruns_only_unfinished_groups_and_refuses_another_spec(swept, tmp_path,
                                                                        monkeypatch):
     out = str(tmp_path / "out")

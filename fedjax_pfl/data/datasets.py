@@ -351,7 +351,8 @@ DATASETS: dict[str, Callable[..., Any]] = {
 def federated_dataset(name: str, *, num_clients: int, partition: str = "dirichlet",
                       seed: int = 0, train_fraction: float = 0.75, image: bool = False,
                       max_examples_per_client: int | None = None, min_examples: int = 0,
-                      layout: str = "auto", **kwargs) -> tuple[ClientData, ClientData, dict[str, Any]]:
+                      layout: str = "auto",
+                      **kwargs) -> tuple[ClientData, ClientData, dict[str, Any]]:
     """Builds train and test `ClientData` for a registered dataset in one call.
 
     For "digits" and "mnist", the pooled data is split by `PARTITIONS[partition]`

@@ -46,7 +46,8 @@ def _options(name: str) -> set[str]:
 
 def load(name: str, root, *, num_clients: int | None = None, partition: str = "dirichlet",
          seed: int = 0, train_fraction: float = 0.75, max_examples_per_client: int | None = None,
-         min_examples: int = 0, layout: str = "auto", **options) -> tuple[ClientData, ClientData, dict[str, Any]]:
+         min_examples: int = 0, layout: str = "auto",
+         **options) -> tuple[ClientData, ClientData, dict[str, Any]]:
     """Train and test `ClientData` of a dataset read from local files, like `federated_dataset`.
 
     Naturally federated formats (LEAF, TFF HDF5, PFLlib) keep their clients

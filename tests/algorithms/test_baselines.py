@@ -44,6 +44,7 @@ def test_scaffold_first_round_is_fedavg_and_c_is_the_mean_of_the_c_i(tiny_train)
         np.testing.assert_array_equal(np.asarray(c_i)[~has_data], 0.0)
 
 
+@pytest.mark.slow
 def test_hypcluster_with_one_hypothesis_is_fedavg(tiny_train, tiny_test):
     config = {**CONFIG, "local_epochs": 2, "clients_per_round": 5}
     algo = ALGORITHMS["hypcluster"](MODEL, num_models=1, init="shared", **config)

@@ -38,6 +38,9 @@ EXTRA = {  # per-algorithm settings so that every code path is exercised
 }
 SHARED_INIT = ("ifca", "hypcluster", "fedem")  # K copies of one given init need init="shared"
 COHORT = 5
+# The cheap checks and the naive-loop comparison share one configuration (and one
+# compile: tests/conftest.py keeps each algorithm's tests on one xdist worker).
+SHARED = {"clients_per_round": COHORT, "local_steps": None, "local_epochs": 2}
 ROUND_KEY = jax.random.key(42)
 
 
@@ -72,7 +75,7 @@ def test_every_algorithm_has_a_naive_reference():
 
 
 def test_round_preserves_state_shapes_compiles_once_and_is_finite(name, tiny_train, tiny_test):
-    algo, _, round_fn, evaluate = build(name, clients_per_round=COHORT)
+    algo, _, round_fn, evaluate = build(name, **SHARED)
     state = init(algo, tiny_train)
     assert jax.eval_shape(algo.round, state, tiny_train, ROUND_KEY)[0] == jax.eval_shape(
         lambda s: s, state)
@@ -105,7 +108,7 @@ def test_scan_blocks_equal_one_block(name, tiny_train):
 
 
 def test_same_key_same_result_other_key_differs(name, tiny_train):
-    algo, _, round_fn, _ = build(name, clients_per_round=COHORT)
+    algo, _, round_fn, _ = build(name, **SHARED)
     state = init(algo, tiny_train)
     a, _ = round_fn(state, tiny_train, ROUND_KEY)
     b, _ = round_fn(state, tiny_train, ROUND_KEY)
@@ -142,7 +145,7 @@ def test_extra_empty_clients_change_nothing(name, tiny_train, tiny_test):
 
 
 def test_clients_outside_cohort_untouched(name, tiny_train):
-    algo, _, round_fn, _ = build(name, clients_per_round=COHORT)
+    algo, _, round_fn, _ = build(name, **SHARED)
     state = init(algo, tiny_train)
     new, _ = round_fn(state, tiny_train, ROUND_KEY)
     ids = np.asarray(sampling.sample_cohort(sampling.round_keys(ROUND_KEY)[0],
@@ -156,8 +159,7 @@ def test_clients_outside_cohort_untouched(name, tiny_train):
 
 @pytest.mark.parametrize("cohort", [COHORT, pytest.param(None, marks=pytest.mark.costly)])
 def test_equals_naive_per_client_loop(name, tiny_train, cohort):
-    algo, config, round_fn, _ = build(name, clients_per_round=cohort, local_steps=None,
-                                      local_epochs=2)
+    algo, config, round_fn, _ = build(name, **{**SHARED, "clients_per_round": cohort})
     state = init(algo, tiny_train)
     for r in range(2):
         key = jax.random.fold_in(ROUND_KEY, r)

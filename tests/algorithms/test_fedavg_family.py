@@ -95,6 +95,7 @@ def test_local_clients_train_only_their_own_model(tiny_train, tiny_test):
                                evaluate_client(model, own, want)["num_correct"])
 
 
+@pytest.mark.slow
 def test_fedavg_ft_with_zero_steps_equals_fedavg_and_fine_tuning_helps(tiny_train, tiny_test):
     model = models.mlp((6,), 3, hidden=(8,))
     kw = dict(batch_size=4, local_steps=3, client_lr=0.1)

@@ -13,11 +13,11 @@ import pytest
 
 from fedjax_pfl import models, testing
 from fedjax_pfl.algorithms import fedavg, fedfew, ifca
+from fedjax_pfl.algorithms._fedfew_dense import dense_fedfew_round
 from fedjax_pfl.algorithms.fedfew import stch_weights
 from fedjax_pfl.core.execution import Execution
 from fedjax_pfl.data.client_data import ClientData
 from fedjax_pfl.testing.common import client_row, train_one
-from fedjax_pfl.algorithms._fedfew_dense import dense_fedfew_round
 from fedjax_pfl.testing.naive_kmodels import stch_weights_reference
 
 MODEL = models.mlp((6,), 3, hidden=(8,))
@@ -141,6 +141,7 @@ def _spread(params):
     return max(float(jnp.max(jnp.abs(a - a[:1]))) for a in jax.tree.leaves(params))
 
 
+@pytest.mark.slow
 def test_shared_init_copies_stay_identical_without_per_model_orders(tiny_train):
     """Why each model needs its own minibatch order: with one init and one order the K
     copies get identical updates and identical weights w_ik = 1/K, so they never split."""

@@ -127,7 +127,7 @@ def test_hessian_free_converges_to_exact_as_delta_shrinks():
 
 
 @pytest.mark.parametrize("schedule,aggregation,weighting", [
-    ({"local_steps": 3}, "weighted", "num_examples"),
+    pytest.param({"local_steps": 3}, "weighted", "num_examples", marks=pytest.mark.slow),
     ({"local_steps": None, "local_epochs": 2}, "mean", "uniform")], ids=["steps", "epochs"])
 def test_nu_zero_is_fedavg(tiny_train, tiny_test, schedule, aggregation, weighting):
     config = {**KW, **schedule}

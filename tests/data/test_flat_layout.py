@@ -127,6 +127,7 @@ def test_store_built_through_a_small_staging_buffer(monkeypatch, stage_rows):
         np.testing.assert_array_equal(flat.examples[k], np.concatenate([c[k] for c in clients]))
 
 
+@pytest.mark.slow
 def test_cli_runs_long_tailed_synthetic_in_either_layout(tmp_path, capsys):
     """The user's path: same run, same numbers, whichever layout holds the data."""
     from fedjax_pfl import cli

@@ -151,6 +151,7 @@ def _sequence_clients(num_clients=3, t=8, vocab=6, seed=0):
     return ClientData.from_clients(clients, num_classes=vocab)
 
 
+@pytest.mark.slow
 def test_sequence_model_through_simulate(tmp_path):
     train, test = _sequence_clients(seed=0), _sequence_clients(seed=1)
     model = models.char_lstm((8,), 6, embed_dim=4, hidden=16, num_layers=1, per_token=True)
