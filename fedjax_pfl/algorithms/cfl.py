@@ -5,38 +5,33 @@ Reference:
   Distributed Multitask Optimization Under Privacy Constraints", IEEE TNNLS
   2020 (arXiv 1910.01991); code github.com/felisat/clustered-federated-learning.
 
-Every cluster c holds a model theta_c; all clients start in cluster 0. Each round
-every cohort client i trains from its cluster's model and returns
-Delta_i = theta_i - theta_c. Per cluster (cohort members with data, p_i = n_i):
-  mean_norm = ||sum_i p_i Delta_i / sum_i p_i||,  max_norm = max_i ||Delta_i||.
-A cluster near a stationary point of its joint objective (mean_norm < eps1)
-whose clients are not (max_norm > eps2) is split, once past `warmup_rounds`,
-if it has >= `min_split_size` cohort members and a free slot remains: its
-members are bipartitioned on the cosine similarities of their updates, the
-group of the member first in the cohort stays, the other moves to the next
-free slot, which starts as a copy of the parent's model (and server optimizer
-state). Then every cluster runs a FedAvg step over its (new) members:
-  theta_c <- theta_c + sum_{i in c} p_i Delta_i / sum_{i in c} p_i.
-Clusters beyond the `max_clusters` slots (static: all shapes fixed) wait: the
-splitting clusters claim slots in index order. Clients outside the cohort
-keep their cluster. Evaluation: each client tests its cluster's model; the
-cluster is returned as `model` [M].
+All clients start in cluster 0. Each round every cohort client i trains from
+its cluster's model theta_c and sends Delta_i. Per cluster, over its cohort
+members with data (p_i = n_i): when ||sum p_i Delta_i / sum p_i|| < eps1 (near a
+stationary point of the joint objective) and max_i ||Delta_i|| > eps2 (not of
+the clients'), past `warmup_rounds`, with >= `min_split_size` members and a
+free slot of the static `max_clusters`, the members are bipartitioned on the
+cosines of their updates: the group of the member first in the cohort stays,
+the other moves to the next free slot, a copy of the parent's model (and
+server optimizer state). Slots go to splitting clusters in index order; the
+others wait. Then every cluster takes a FedAvg step over its new members,
+theta_c <- theta_c + sum_{i in c} p_i Delta_i / sum_{i in c} p_i. Clients
+outside the cohort keep their cluster. Evaluation: each client tests its
+cluster's model; the cluster is returned as `model` [M].
 
-Paper symbol -> argument: eps_1 -> `eps1`, eps_2 -> `eps2`, Delta theta_i ->
-the client update, |D_i| -> n_i (`weighting`). Defaults and choices:
+Paper symbol -> argument: eps_1 -> `eps1`, eps_2 -> `eps2`, |D_i| -> n_i.
+Choices:
 - Bipartition: the released code runs sklearn's complete-linkage agglomerative
-  clustering on the distance -cos(Delta_i, Delta_j) into 2 groups (default,
-  `linkage="complete"`); the paper's optimal bipartition (minimise the largest
-  cross-cluster similarity) is exactly single linkage (`linkage="single"`).
-  Both run here as S - 2 masked merges of fixed shape (O(S^3), only in rounds
-  where some cluster splits). Cosines are <a, b> / (|a||b| + 1e-12), as released.
-- eps1 = 0.4, eps2 = 1.6, 20 warm-up rounds: the released EMNIST notebook
-  (the norms scale with the model and the learning rate: tune them).
-- The paper weights by |D_i| (default); the released code takes unweighted
-  means (`weighting="uniform"`) and splits clusters of > 2 clients
-  (`min_split_size=3`; default 2, the least that can be split).
-- Not done: the paper's post-split separation check, the released code's
-  per-round client lr decay (0.99) and its cache of parent models.
+  clustering on -cos(Delta_i, Delta_j) (default, `linkage="complete"`); the
+  paper's optimal bipartition, minimising the largest cross-group similarity,
+  is exactly single linkage (`"single"`). Both run as S - 2 fixed-shape merges
+  (O(S^3), only in rounds that split); cos = <a, b> / (|a||b| + 1e-12) as released.
+- eps1 = 0.4, eps2 = 1.6 and 20 warm-up rounds are the released EMNIST
+  notebook's (the norms scale with the model and lr: tune them).
+- The paper weights by |D_i| (default); the released code takes plain means
+  (`weighting="uniform"`) and splits clusters of > 2 (`min_split_size=3`).
+- Not done: the paper's post-split separation check; the released per-round
+  client lr decay (0.99) and cache of parent models.
 """
 
 from __future__ import annotations
@@ -78,16 +73,11 @@ class CFLState:
 
 
 def bipartition(similarity, cluster, member, linkage: str = "complete") -> jax.Array:
-    """Splits every cluster's members in two by agglomerative clustering.
+    """Splits each cluster's `member` rows [S] in two by agglomerative clustering on
+    the distance -`similarity` [S, S], `linkage` "complete" (a group's distance is
+    its farthest pair) or "single" (its closest). `cluster`: int [S].
 
-    Args:
-      similarity: [S, S] pairwise similarities (distance = -similarity).
-      cluster: int [S], each row's cluster.
-      member: bool [S], the rows to split (others stay where they are).
-      linkage: "complete" (a group's distance is its farthest pair) or "single".
-
-    Returns:
-      bool [S]: the members outside the group of their cluster's first member.
+    Returns bool [S]: the members outside the group of their cluster's first member.
     """
     size = similarity.shape[0]
     index = jnp.arange(size)
@@ -98,8 +88,7 @@ def bipartition(similarity, cluster, member, linkage: str = "complete") -> jax.A
 
     def merge(_, carry):  # the closest two groups of any cluster still in > 2 groups
         dist, root = carry
-        groups = jnp.sum(same & (root == index)[None, :], axis=1)
-        open_rows = groups > 2
+        open_rows = jnp.sum(same & (root == index)[None, :], axis=1) > 2
         d = jnp.where(open_rows[:, None] & open_rows[None, :], dist, jnp.inf)
         r, c = jnp.divmod(jnp.argmin(d), size)
         a, b = jnp.minimum(r, c), jnp.maximum(r, c)  # b joins a: roots are group minima
@@ -174,18 +163,16 @@ def cfl(
       weighting: "num_examples" (paper) or "uniform" (released code) cluster means.
       execution: client-axis strategy.
     """
-    is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
-    algorithm.check_arg("max_clusters", max_clusters,
-                        is_int(max_clusters) and max_clusters >= 1, "an int >= 1")
+    is_int = lambda v, low: isinstance(v, int) and not isinstance(v, bool) and v >= low
+    algorithm.check_arg("max_clusters", max_clusters, is_int(max_clusters, 1), "an int >= 1")
     algorithm.check_cohort_size(clients_per_round)
     algorithm.check_number("client_lr", client_lr)
     algorithm.check_number("server_lr", server_lr)
     algorithm.check_number("eps1", eps1)
     algorithm.check_number("eps2", eps2)
-    algorithm.check_arg("warmup_rounds", warmup_rounds,
-                        is_int(warmup_rounds) and warmup_rounds >= 0, "an int >= 0")
-    algorithm.check_arg("min_split_size", min_split_size,
-                        is_int(min_split_size) and min_split_size >= 2, "an int >= 2")
+    algorithm.check_arg("warmup_rounds", warmup_rounds, is_int(warmup_rounds, 0), "an int >= 0")
+    algorithm.check_arg("min_split_size", min_split_size, is_int(min_split_size, 2),
+                        "an int >= 2")
     algorithm.check_arg("linkage", linkage, linkage in LINKAGES, f"one of {LINKAGES}")
     algorithm.check_arg("weighting", weighting, weighting in WEIGHTINGS, f"one of {WEIGHTINGS}")
     local.check_optimizer("server_optimizer", server_optimizer)
