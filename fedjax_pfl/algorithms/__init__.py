@@ -5,6 +5,7 @@ the benchmarks and the conformance test suite are driven by it.
 """
 
 from fedjax_pfl.algorithms.apfl import APFLState, apfl
+from fedjax_pfl.algorithms.cfl import CFLState, cfl
 from fedjax_pfl.algorithms.ditto import DittoState, ditto
 from fedjax_pfl.algorithms.fedalt import PartialState, fedalt
 from fedjax_pfl.algorithms.fedapm import FedAPMState, fedapm
@@ -37,6 +38,7 @@ ALGORITHMS = {
     "ifca": ifca,
     "hypcluster": hypcluster,
     "fedem": fedem,
+    "cfl": cfl,
     # Regularized / interpolated personal models.
     "ditto": ditto,
     "apfl": apfl,
@@ -58,6 +60,7 @@ ALGORITHMS = {
 __all__ = [
     "ALGORITHMS",
     "APFLState",
+    "CFLState",
     "DittoState",
     "FedAPMState",
     "FedAvgState",
@@ -74,6 +77,7 @@ __all__ = [
     "PartialState",
     "SCAFFOLDState",
     "apfl",
+    "cfl",
     "ditto",
     "fedalt",
     "fedapm",

@@ -26,6 +26,7 @@ from fedjax_pfl.data.client_data import ClientData
 from fedjax_pfl.models.model import Model
 from fedjax_pfl.testing import (
     naive_baselines,
+    naive_cfl,
     naive_fedavg,
     naive_kmodels,
     naive_meta,
@@ -44,6 +45,7 @@ NAIVE_ROUNDS = {
     **naive_partial.NAIVE_ROUNDS,
     **naive_meta.NAIVE_ROUNDS,
     **naive_baselines.NAIVE_ROUNDS,
+    **naive_cfl.NAIVE_ROUNDS,
 }
 
 DEFAULTS = {
@@ -52,6 +54,7 @@ DEFAULTS = {
     **naive_partial.DEFAULTS,
     **naive_meta.DEFAULTS,
     **naive_baselines.DEFAULTS,
+    **naive_cfl.DEFAULTS,
 }
 
 

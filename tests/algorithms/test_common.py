@@ -34,6 +34,8 @@ EXTRA = {  # per-algorithm settings so that every code path is exercised
     "ifca": {"num_models": 2},
     "hypcluster": {"num_models": 2},
     "fedem": {"num_models": 2},
+    # 2 slots, and a split in the first round (every cluster of >= 2 members qualifies)
+    "cfl": {"max_clusters": 2, "warmup_rounds": 0, "eps1": 1e3, "eps2": 0.0},
     "fedbabu": {"ft_steps": 2},
 }
 SHARED_INIT = ("ifca", "hypcluster", "fedem")  # K copies of one given init need init="shared"
