@@ -122,7 +122,7 @@ def worker(spec: dict) -> dict:
         t0 = time.perf_counter()
         state, metrics = jax.block_until_ready(round_fn(state, train, jax.random.key(2 + r)))
         times.append(time.perf_counter() - t0)
-    out = {}
+    out = {"peak_rss_rounds_gb": C.peak_rss_mb() / 1e3}  # before any evaluation
     if spec.get("evaluate"):
         evaluate = jax.jit(algo.evaluate)
         t0 = time.perf_counter()
@@ -152,7 +152,7 @@ def specs(args) -> list[dict]:
     if "synthetic" in args.only:
         for m in args.clients:
             base = dict(population="synthetic", clients=m, layout="flat", batch=10, chunk=256,
-                        rounds=args.rounds, evaluate=True)
+                        rounds=args.rounds, evaluate=m <= args.eval_max_clients)
             out.append({**base, "steps": 5, "label": f"synthetic M={m} steps"})
             if m <= args.epoch_max_clients:
                 out.append({**base, "epochs": 1, "evaluate": False,
@@ -173,6 +173,8 @@ def main():
     p.add_argument("--only", nargs="+", default=["synthetic", "femnist", "shakespeare"])
     p.add_argument("--clients", nargs="+", type=int, default=[1000, 10000, 100000])
     p.add_argument("--epoch-max-clients", type=int, default=10000)
+    p.add_argument("--eval-max-clients", type=int, default=10000,
+                   help="evaluate (train as test) only up to this M (evaluation is O(M) too)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="tiny populations (smoke test)")
     p.add_argument("--out", default=os.path.join(RESULTS, "data_scale.json"))
