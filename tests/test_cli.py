@@ -111,6 +111,26 @@ def test_accepted_kwargs_follow_fedavg_for_var_keyword_factories():
     assert "mu" not in cli.accepted_kwargs(fp.ALGORITHMS["local"])
 
 
+@pytest.mark.parametrize("algorithm,options", [
+    ("ditto", ["personal_steps=2"]),
+    ("ditto", ["personal_epochs=1", "local_steps=3"]),
+    ("pfedme", ["train_all_clients=true", "mu=0.001", "clients_per_round=2", "local_steps=2"]),
+    ("meta_fl", ["eval_lr=0.02", "local_steps=2"]),
+    ("per_fedavg", ["eval_lr=0.02", "local_steps=2"])],
+    ids=["ditto-steps", "ditto-epochs", "pfedme", "meta_fl", "per_fedavg"])
+def test_algorithm_options_run_through_set(algorithm, options, tmp_path, capsys):
+    """Options of the factories (here Ditto's personal schedule, pFedMe's released-code
+    round and mu, meta-FL's evaluation step) are `--set` keys, recorded in config.json."""
+    out = tmp_path / "out"
+    flags = [arg for option in options for arg in ("--set", option)]
+    rc = cli.main(["run", *TINY, "--algorithm", algorithm, *flags, "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    config = json.loads((out / "config.json").read_text())
+    assert config["algorithm"] == {k: cli.parse_value(v) for k, v in
+                                   (option.split("=") for option in options)}
+    assert json.loads((out / "summary.json").read_text())["status"] == "finished"
+
+
 BAD = {
     "unknown algorithm": (["--algorithm", "nope"], "unknown algorithm 'nope'"),
     "unknown dataset": (["--dataset", "nope"], "unknown dataset 'nope'"),
@@ -124,6 +144,12 @@ BAD = {
     "zero eval_every": (["--eval-every", "0"], "eval_every"),
     "non-int rounds": (["--rounds", "abc"], "--rounds"),
     "bad value": (["--set", "client_lr=-1"], "client_lr"),
+    "bad personal_steps": (["--algorithm", "ditto", "--set", "personal_steps=0"],
+                           "personal_steps"),
+    "bad mu": (["--algorithm", "pfedme", "--set", "mu=-1"], "mu"),
+    "bad train_all_clients": (["--algorithm", "pfedme", "--set", "train_all_clients=2"],
+                              "train_all_clients"),
+    "bad eval_lr": (["--algorithm", "per_fedavg", "--set", "eval_lr=-0.5"], "eval_lr"),
     "alpha for iid": (["--partition", "iid", "--alpha", "0.5"], "alpha"),
     "non-positive alpha": (["--alpha", "-1"], "alpha"),
     "unknown flag": (["--nope", "1"], "--nope"),

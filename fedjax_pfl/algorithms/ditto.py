@@ -5,19 +5,31 @@ Reference:
   Personalization", ICML 2021 (arXiv 2012.04221), Algorithm 1.
 
 Each cohort client (1) trains a copy of the received global model w^t on its
-data exactly as in FedAvg, and (2) updates its personal model v_i for the same
-number of local steps on f_i(v) + lambda/2 ||v - w^t||^2, i.e.
+data exactly as in FedAvg, and (2) updates its personal model v_i for s local
+steps (by default as many as the global copy takes) on
+f_i(v) + lambda/2 ||v - w^t||^2, i.e.
 v <- v - eta_p (grad f_i(v) + lambda (v - w^t)). The server averages the global
 copies (n_i-weighted); personal models never leave the client and are stacked
 [M, ...] in the state. Evaluation tests each client's personal model.
 
 Paper symbol -> argument: lambda -> `lam`, eta -> `client_lr` (global copy),
 personal step size -> `personal_lr` (default: `client_lr`), s local personal
-iterations -> the same schedule as the global copy (`local_steps` /
-`local_epochs`, `batch_size`). The personal minibatch order uses the key
-`fold_in(client_key, 1)`; the global copy uses the client key itself, so the
-global model follows FedAvg exactly. All personal models start at the global
-init.
+iterations -> `personal_steps` / `personal_epochs` (default: the global copy's
+schedule, `local_steps` / `local_epochs`), |batch| -> `batch_size` (both
+updates). The personal minibatch order uses the key `fold_in(client_key, 1)`;
+the global copy uses the client key itself, so the global model follows FedAvg
+exactly. All personal models start at the global init.
+
+Paper vs released code on the personal schedule: Algorithm 1 of the paper
+gives the personal solver its own count, "s local iterations", separate from
+the global solver's local updates. The released code (github.com/litian96/ditto,
+flearn/trainers_MTL/ditto.py) runs ONE loop of `local_iters` minibatches in
+which each batch first takes a personal SGD step and then a global SGD step,
+both with `learning_rate`: s equals the global model's local steps and the two
+updates share their minibatches. The default here (personal schedule = the
+local schedule, personal_lr = client_lr) is that count; `personal_steps` or
+`personal_epochs` gives the paper's separate s. The minibatches are never
+shared (each model has its own order, see above).
 """
 
 from __future__ import annotations
@@ -58,6 +70,8 @@ def ditto(
     *,
     lam: float = 0.1,
     personal_lr: float | None = None,
+    personal_steps: int | None = None,
+    personal_epochs: int | None = None,
     clients_per_round: int | None = None,
     batch_size: int = 32,
     local_steps: int | None = None,
@@ -74,8 +88,13 @@ def ditto(
       model: the model.
       lam: lambda, the pull of personal models towards the global one (traced).
       personal_lr: the personal models' lr (traced; None: `client_lr`).
+      personal_steps, personal_epochs: s, the personal model's local schedule
+        in minibatch steps or in epochs (static; set at most one). None for
+        both: the global copy's schedule (`local_steps` / `local_epochs`).
       clients_per_round: S, sampled without replacement each round (None: all).
-      batch_size, local_steps, local_epochs: local schedule of both updates.
+      batch_size: B of both updates.
+      local_steps, local_epochs: local schedule of the global copy (and of the
+        personal model unless `personal_steps` / `personal_epochs` is set).
       client_optimizer, client_lr: the client optimizer and the global copy's lr.
       server_optimizer, server_lr: server optimizer on the pseudo-gradient.
       execution: client-axis strategy.
@@ -88,6 +107,19 @@ def ditto(
     algorithm.check_number("server_lr", server_lr)
     local.check_optimizer("server_optimizer", server_optimizer)
     schedule = local.LocalSchedule(batch_size, local_steps, local_epochs, client_optimizer)
+    personal_schedule = schedule
+    if personal_steps is not None or personal_epochs is not None:
+        for name, value in (("personal_steps", personal_steps),
+                            ("personal_epochs", personal_epochs)):
+            algorithm.check_arg(name, value, value is None or (
+                isinstance(value, int) and not isinstance(value, bool) and value >= 1),
+                "None or an int >= 1")
+        if personal_steps is not None and personal_epochs is not None:
+            raise ValueError(f"personal_steps / personal_epochs: set at most one, got "
+                             f"personal_steps={personal_steps!r}, "
+                             f"personal_epochs={personal_epochs!r}.")
+        personal_schedule = local.LocalSchedule(batch_size, personal_steps, personal_epochs,
+                                                client_optimizer)
     execution = ex.as_execution(execution)
     loss_fn = local.model_loss_fn(model)
 
@@ -106,8 +138,8 @@ def ditto(
         result = schedule.train(loss_fn, params, data, key, hp["client_lr"])
         penalty = lambda v: 0.5 * hp["lam"] * optax.tree.norm(optax.tree.sub(v, params),
                                                               squared=True)
-        personal = schedule.train(loss_fn, personal, data, jax.random.fold_in(key, 1),
-                                  hp["personal_lr"], penalty).params
+        personal = personal_schedule.train(loss_fn, personal, data, jax.random.fold_in(key, 1),
+                                           hp["personal_lr"], penalty).params
         y = (result.mean_loss(), personal)
         return y, aggregation.weighted_delta(result.params, params, weight)
 

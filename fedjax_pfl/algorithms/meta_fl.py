@@ -26,8 +26,12 @@ Paper symbol -> argument: nu -> `nu`, alpha -> `inner_lr`, beta -> `client_lr`
 is the inner batch (`hessian_batches="shared"`, MAML-style). The server takes
 the unweighted mean over the cohort (Per-FedAvg; "weighted": n_i-weighted).
 Epoch mode (`local_epochs`) draws D' by epochs and D, D'' uniformly. The
-evaluation fine-tunes nu' = 0..`eval_max_steps` SGD steps with alpha
-(`core.finetune`); the scalar statistics are those after `eval_steps` (nu).
+evaluation fine-tunes nu' = 0..`eval_max_steps` SGD steps (`core.finetune`);
+the scalar statistics are those after `eval_steps` (nu). Its step size is
+alpha by default: the step the objective trains for (both objectives are the
+loss after nu SGD steps of step alpha). `eval_lr` sets a separate step size for
+the evaluation only (traced); it is an option of this package, not of either
+paper, e.g. to tune the deployment step after training as for FedAvg-FT.
 The full text of 2504.21327 was not available: the nu > 1 rules above are the
 generalisation of Per-FedAvg forced by the objective (a reconstruction; no
 released code). Defaults alpha = 0.01, beta = 0.001, tau = 10 are Per-FedAvg's.
@@ -60,7 +64,8 @@ class MetaFLState:
     """Attributes:
       round: int32 scalar, rounds completed.
       params: the global (meta) model w.
-      hparams: traced scalars: client_lr (beta), inner_lr (alpha), delta.
+      hparams: traced scalars: client_lr (beta), inner_lr (alpha), delta, and
+        eval_lr when it was given (without it the evaluation reads inner_lr).
     """
 
     round: jax.Array
@@ -111,6 +116,7 @@ def meta_fl(
     delta: float = 1e-3,
     aggregation: str = "mean",
     remat: bool = False,
+    eval_lr: float | None = None,
     eval_steps: int | None = None,
     eval_max_steps: int | None = None,
     eval_batch_size: int | None = None,
@@ -128,7 +134,8 @@ def meta_fl(
       batch_size, inner_batch_size, hessian_batch_size: D', D (default D'),
         D'' (default D').
       local_steps, local_epochs: tau steps (default 10), or epochs over D'.
-      inner_lr: alpha, also the evaluation's fine-tuning step (traced).
+      inner_lr: alpha, also the evaluation's fine-tuning step unless `eval_lr`
+        is given (traced).
       client_lr: beta, the local (outer) step size (traced); `outer_lr` is
         the same argument under the paper's name.
       client_optimizer: optimizer applied to the meta-gradient (default SGD).
@@ -136,6 +143,8 @@ def meta_fl(
       delta: finite-difference step of "hf" (traced).
       aggregation: "mean" over the cohort (Per-FedAvg) or n_i-"weighted".
       remat: rematerialize inner steps in "exact" mode (memory O(nu |w|)).
+      eval_lr: the evaluation's fine-tuning step size (traced; None: alpha,
+        the current `inner_lr`).
       eval_steps, eval_max_steps: nu' of the scalar test statistics (default
         nu) and the curve's nu_max (default max(5, eval_steps)).
       eval_batch_size, eval_full_batch, eval_seed: fine-tuning batches of the
@@ -154,6 +163,8 @@ def meta_fl(
         client_lr = outer_lr
     algorithm.check_number("client_lr" if outer_lr is None else "outer_lr", client_lr)
     algorithm.check_number("inner_lr", inner_lr)
+    if eval_lr is not None:
+        algorithm.check_number("eval_lr", eval_lr)
     algorithm.check_number("delta", delta, strict=True)
     eval_seed = algorithm.check_seed("eval_seed", eval_seed)
     inner_batch_size = batch_size if inner_batch_size is None else inner_batch_size
@@ -172,7 +183,10 @@ def meta_fl(
 
     def init(key, train, params=None):
         algorithm.check_data(model, train, clients_per_round)
-        hp = algorithm.hparams(client_lr=client_lr, inner_lr=inner_lr, delta=delta)
+        # Without eval_lr the evaluation reads inner_lr itself, so a swept alpha
+        # is also the fine-tuning step.
+        extra = {} if eval_lr is None else {"eval_lr": eval_lr}
+        hp = algorithm.hparams(client_lr=client_lr, inner_lr=inner_lr, delta=delta, **extra)
         return MetaFLState(jnp.zeros((), jnp.int32),
                            algorithm.initial_params(model, key, params), hp)
 
@@ -216,7 +230,8 @@ def meta_fl(
 
     def evaluate(state, train, test):
         return finetune.finetune_evaluate(
-            model, state.params, train, test, state.hparams["inner_lr"], max_steps=eval_max_steps,
+            model, state.params, train, test,
+            state.hparams["inner_lr" if eval_lr is None else "eval_lr"], max_steps=eval_max_steps,
             report_step=eval_steps, batch_size=eval_batch_size, full_batch=eval_full_batch,
             seed=eval_seed, execution=execution)
 

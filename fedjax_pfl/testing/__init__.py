@@ -15,7 +15,8 @@ so). They share with the package only the randomness contract (cohort sampling
 and client keys from `core.sampling`, minibatch draws re-derived from
 `jax.random`, see `local_reference`) and the model (`Model`). The references
 live in one module per algorithm family (`naive_*.py`), register in
-`NAIVE_ROUNDS` and state the factory defaults they read in `DEFAULTS`.
+`NAIVE_ROUNDS` (evaluations that fine-tune first also in `NAIVE_EVALUATES`,
+run by `naive_evaluate`) and state the factory defaults they read in `DEFAULTS`.
 """
 
 from __future__ import annotations
@@ -46,6 +47,12 @@ NAIVE_ROUNDS = {
     **naive_meta.NAIVE_ROUNDS,
     **naive_baselines.NAIVE_ROUNDS,
     **naive_cfl.NAIVE_ROUNDS,
+}
+
+# Naive references of `evaluate`, where an algorithm's evaluation does more than
+# testing stored models (fine-tuning first).
+NAIVE_EVALUATES = {
+    **naive_meta.NAIVE_EVALUATES,
 }
 
 DEFAULTS = {
@@ -84,12 +91,32 @@ def naive_round(name: str, model: Model, state, train: ClientData, key: jax.Arra
     return NAIVE_ROUNDS[name](model, state, train, key, resolved_config(name, **config))
 
 
+def naive_evaluate(name: str, model: Model, state, train: ClientData, test: ClientData,
+                   **config) -> dict:
+    """`algorithm.evaluate` of algorithm `name` as a plain per-client Python loop.
+
+    Args:
+      name: a key of `ALGORITHMS` with a reference in `NAIVE_EVALUATES`.
+      model, state, train, test: as for `algorithm.evaluate`.
+      **config: the keyword arguments the algorithm was built with.
+
+    Returns:
+      The per-client statistics [M] (NumPy) the reference computes.
+    """
+    if name not in NAIVE_EVALUATES:
+        raise KeyError(f"name: no naive evaluation for {name!r}; known: "
+                       f"{sorted(NAIVE_EVALUATES)}.")
+    return NAIVE_EVALUATES[name](model, state, train, test, resolved_config(name, **config))
+
+
 __all__ = [
     "DEFAULTS",
+    "NAIVE_EVALUATES",
     "NAIVE_ROUNDS",
     "assert_trees_close",
     "check_algorithm_does_not_smoke",
     "client_row",
+    "naive_evaluate",
     "naive_round",
     "random_client_data",
     "resolved_config",

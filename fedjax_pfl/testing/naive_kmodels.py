@@ -146,14 +146,19 @@ def _naive_ditto(model, state, train, key, cfg):
     hp = {k: float(v) for k, v in state.hparams.items()}
     server = as_numpy(state.params)
     personal = [stacked_row(state.client_params, i) for i in range(train.num_clients)]
+    personal_schedule = _schedule(cfg)
+    if cfg["personal_steps"] is not None or cfg["personal_epochs"] is not None:
+        personal_schedule = Schedule.of(cfg["batch_size"], cfg["personal_steps"],
+                                        cfg["personal_epochs"])
     pairs, weights, loss_num = [], [], 0.0
     for i in ids:
         examples, n, key_i = clients.examples(i), clients.n[i], jax.random.fold_in(client_key, i)
         # (1) the global copy, exactly FedAvg's client
         run = train_model(model, server, examples, n, key_i, _schedule(cfg), hp["client_lr"])
         # (2) the personal model on f_i(v) + lam/2 ||v - w||^2, its own minibatch order
+        # and its own schedule (s steps or epochs; by default the global copy's)
         personal[i] = train_model(model, personal[i], examples, n, jax.random.fold_in(key_i, 1),
-                                  _schedule(cfg), hp["personal_lr"],
+                                  personal_schedule, hp["personal_lr"],
                                   lambda v: sq_dist_grad(hp["lam"], v, server)).params
         pairs.append((run.params, server))
         weights.append(float(n))
@@ -222,6 +227,6 @@ NAIVE_ROUNDS = {
 DEFAULTS = {
     "fedfew": {**_COMMON, "num_models": 3, "loss_at": "last_epoch", "per_model_orders": True},
     "ifca": {**_COMMON, "num_models": 3},
-    "ditto": _COMMON,
+    "ditto": {**_COMMON, "personal_steps": None, "personal_epochs": None},
     "apfl": _COMMON,
 }

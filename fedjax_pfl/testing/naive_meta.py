@@ -13,6 +13,11 @@ the client key); with the step half s, the k-th NON-EMPTY step draws its nu inne
 batches D_j as `randint(fold_in(fold_in(s, 0), k), (nu, B_in), 0, max(n, 1))` and
 its Hessian batches D''_j from `fold_in(fold_in(s, 1), k)` (or reuses D_j, MAML's
 "shared"). pFedMe's R steps use `minibatches` with the client key itself.
+
+The fine-tuning evaluation (`naive_finetune_evaluate`) runs nu' plain SGD steps
+per client on the minibatches `minibatches(fold_in(key(seed), i), ...)` in step
+mode (or the full local gradient), testing the model before each step and after
+the last.
 """
 
 from __future__ import annotations
@@ -34,9 +39,10 @@ from fedjax_pfl.testing.local_reference import (
 _META = {"clients_per_round": None, "nu": 1, "mode": "exact", "batch_size": 32,
          "inner_batch_size": None, "hessian_batch_size": None, "local_steps": 10,
          "local_epochs": None, "client_optimizer": "sgd", "hessian_batches": "independent",
-         "aggregation": "mean"}
+         "aggregation": "mean", "eval_lr": None, "eval_steps": None, "eval_max_steps": None,
+         "eval_batch_size": None, "eval_full_batch": False, "eval_seed": 0}
 _PFEDME = {"clients_per_round": None, "inner_steps": 5, "batch_size": 20, "local_steps": 20,
-           "local_epochs": None, "weighting": "num_examples"}
+           "local_epochs": None, "weighting": "num_examples", "train_all_clients": False}
 
 
 def _server_average(server, clients, weights):
@@ -115,16 +121,16 @@ def _naive_per_fedavg(model, state, train, key, cfg):
 def _pfedme_client(model, params, personal, examples, n, max_examples, key, cfg, hp):
     """ONE client's R pFedMe steps: (local copy w_i, personal theta_i, mean loss)."""
     schedule = Schedule.of(cfg["batch_size"], cfg["local_steps"], cfg["local_epochs"])
-    lam = hp["lam"]
+    lam, mu = hp["lam"], hp["mu"]
     w_local, theta = params, params  # both start at the global model
     num, den = 0.0, 0
     for rows in minibatches(key, n, max_examples, schedule):  # the client key itself
         if len(rows) == 0:
             continue
         for _ in range(cfg["inner_steps"]):
-            # theta <- theta - eta_p (grad f(theta; D) + lam (theta - w_i))
+            # theta <- theta - eta_p (grad f(theta; D) + lam (theta - w_i) + mu theta)
             g = loss_and_grad(model, theta, examples, rows)[1]
-            g = jax.tree.map(lambda gt, t, wl: gt + lam * (t - wl), g, theta, w_local)
+            g = jax.tree.map(lambda gt, t, wl: gt + lam * (t - wl) + mu * t, g, theta, w_local)
             theta = tree_axpy(-hp["personal_lr"], g, theta)
         # w_i <- w_i - eta lam (w_i - theta)
         w_local = tree_axpy(-hp["client_lr"] * lam,
@@ -143,15 +149,18 @@ def _naive_pfedme(model, state, train, key, cfg):
     server = as_numpy(state.params)
     rows = [stacked_row(state.client_params, i) for i in range(train.num_clients)]
     local_copies, weights, loss_num, n_sum = [], [], 0.0, 0.0
-    for i in ids:
+    # The released code's mode: every client trains, only the sampled ones are averaged.
+    trained = range(train.num_clients) if cfg["train_all_clients"] else ids
+    for i in trained:
         n = clients.n[i]
         w_local, rows[i], loss = _pfedme_client(model, server, rows[i], clients.examples(i), n,
                                                 clients.max_examples,
                                                 jax.random.fold_in(client_key, i), cfg, hp)
-        local_copies.append(w_local)
-        weights.append(float(n) if cfg["weighting"] == "num_examples" else float(n > 0))
         loss_num += n * loss
         n_sum += n
+        if i in ids:
+            local_copies.append(w_local)
+            weights.append(float(n) if cfg["weighting"] == "num_examples" else float(n > 0))
     # w <- (1 - beta) w + beta sum_i p_i w_i  =  w + beta (mean_i w_i - w)
     mean = _server_average(server, local_copies, weights)
     beta = hp["beta"]
@@ -161,10 +170,82 @@ def _naive_pfedme(model, state, train, key, cfg):
     return new, {"train_loss": loss_num / max(n_sum, 1.0)}
 
 
+def _test_stats(model, params, examples, n):
+    """(num_correct, loss_sum) of `params` on the n valid test rows, float64
+    (classification models: one label per row)."""
+    if n == 0:
+        return 0.0, 0.0
+    batch = {k: v[:n] for k, v in examples.items()}
+    logits = model.apply(params, batch, None)
+    losses = np.asarray(model.loss(logits, batch), np.float64)
+    correct = np.asarray(np.argmax(np.asarray(logits), -1) == np.asarray(batch["y"]))
+    return float(np.sum(correct)), float(np.sum(losses))
+
+
+def naive_finetune_evaluate(model, params, train, test, lr: float, *, max_steps: int,
+                            report_step: int, batch_size: int, full_batch: bool = False,
+                            seed: int = 0) -> dict:
+    """The fine-tuning evaluation of a global model, one client and one step at a time.
+
+    Client i runs `max_steps` plain SGD steps of step `lr` from `params` on the
+    minibatches `minibatches(fold_in(key(seed), i), ...)` in step mode (or, with
+    `full_batch`, on all its n_i rows), and is tested before every step and after
+    the last one.
+
+    Returns:
+      {num_examples, num_correct, loss_sum} [M] (after `report_step` steps) and
+      {curve_num_correct, curve_loss_sum} [M, max_steps + 1], float64.
+    """
+    train_clients, test_clients = Clients(train), Clients(test)
+    base = jax.random.key(seed)
+    schedule = Schedule.of(batch_size, max_steps, None)
+    curves_correct, curves_loss = [], []
+    for i in range(train.num_clients):
+        examples, n = train_clients.examples(i), train_clients.n[i]
+        if full_batch:
+            steps = [np.arange(n)] * max_steps
+        else:
+            steps = minibatches(jax.random.fold_in(base, i), n, train_clients.max_examples,
+                                schedule)
+        p = as_numpy(params)
+        correct, losses = [], []
+        for rows in [*steps, None]:
+            c, loss = _test_stats(model, p, test_clients.examples(i), test_clients.n[i])
+            correct.append(c)
+            losses.append(loss)
+            if rows is not None and len(rows) > 0:
+                p = tree_axpy(-lr, loss_and_grad(model, p, examples, rows)[1], p)
+        curves_correct.append(correct)
+        curves_loss.append(losses)
+    curve_correct, curve_loss = np.asarray(curves_correct), np.asarray(curves_loss)
+    return {"num_examples": np.asarray(test_clients.n, np.float64),
+            "num_correct": curve_correct[:, report_step], "loss_sum": curve_loss[:, report_step],
+            "curve_num_correct": curve_correct, "curve_loss_sum": curve_loss}
+
+
+def _naive_meta_evaluate(model, state, train, test, cfg):
+    """meta-FL's evaluation: nu' fine-tuning steps with `eval_lr` (default: alpha)."""
+    nu = cfg["nu"]
+    report = nu if cfg["eval_steps"] is None else cfg["eval_steps"]
+    max_steps = max(5, report) if cfg["eval_max_steps"] is None else cfg["eval_max_steps"]
+    batch_size = (cfg["eval_batch_size"] or cfg["inner_batch_size"] or cfg["batch_size"])
+    # The traced values (they may have been swept): eval_lr when set, else alpha.
+    lr = float(state.hparams["inner_lr" if cfg["eval_lr"] is None else "eval_lr"])
+    return naive_finetune_evaluate(model, state.params, train, test, lr, max_steps=max_steps,
+                                   report_step=report, batch_size=batch_size,
+                                   full_batch=cfg["eval_full_batch"], seed=cfg["eval_seed"])
+
+
 NAIVE_ROUNDS = {
     "meta_fl": _naive_meta_fl,
     "per_fedavg": _naive_per_fedavg,
     "pfedme": _naive_pfedme,
+}
+
+NAIVE_EVALUATES = {
+    "meta_fl": _naive_meta_evaluate,
+    "per_fedavg": lambda model, state, train, test, cfg: _naive_meta_evaluate(
+        model, state, train, test, {**cfg, "nu": 1}),
 }
 
 DEFAULTS = {

@@ -171,6 +171,40 @@ def test_equals_naive_per_client_loop(name, tiny_train, cohort):
         np.testing.assert_allclose(metrics["train_loss"], want_metrics["train_loss"], rtol=1e-5)
 
 
+# Options off by default that change the round: each must also equal the naive loop.
+OPTIONS = [
+    ("ditto", {"personal_steps": 5}),  # epoch-mode global copy, step-mode personal model
+    ("ditto", {"personal_epochs": 1}),
+    ("pfedme", {"train_all_clients": True, "mu": 0.3}),  # the released code's round
+]
+
+
+@pytest.mark.parametrize("name,options", OPTIONS, ids=[
+    f"{n}-" + "-".join(f"{k}={v}" for k, v in o.items()) for n, o in OPTIONS])
+def test_options_equal_naive_per_client_loop(name, options, tiny_train):
+    algo, config, round_fn, _ = build(name, clients_per_round=COHORT, local_steps=None,
+                                      local_epochs=2, **options)
+    state = init(algo, tiny_train)
+    for r in range(2):
+        key = jax.random.fold_in(ROUND_KEY, r)
+        want, want_metrics = testing.naive_round(name, MODEL, state, tiny_train, key, **config)
+        state, metrics = round_fn(state, tiny_train, key)
+        testing.assert_trees_close(state, want, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(metrics["train_loss"], want_metrics["train_loss"], rtol=1e-5)
+
+
+@pytest.mark.parametrize("eval_lr", [None, 0.3], ids=["eval_lr=None", "eval_lr=0.3"])
+@pytest.mark.parametrize("name", sorted(testing.NAIVE_EVALUATES))
+def test_evaluate_equals_naive_reference(name, eval_lr, tiny_train, tiny_test):
+    """Evaluations that fine-tune first (meta-FL, Per-FedAvg) equal their naive loop."""
+    algo, config, round_fn, evaluate = build(name, clients_per_round=COHORT, eval_lr=eval_lr)
+    state, _ = round_fn(init(algo, tiny_train), tiny_train, ROUND_KEY)
+    got = evaluate(state, tiny_train, tiny_test)
+    want = testing.naive_evaluate(name, MODEL, state, tiny_train, tiny_test, **config)
+    assert set(want) <= set(got)
+    testing.assert_trees_close({k: got[k] for k in want}, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.costly
 @pytest.mark.parametrize("execution", [
     Execution("chunked", chunk_size=2), Execution("sharded"), Execution("sharded", chunk_size=2)],

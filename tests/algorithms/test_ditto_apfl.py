@@ -1,6 +1,8 @@
-"""Ditto and APFL: reductions to FedAvg, the alpha gradient, argument checks.
+"""Ditto and APFL: reductions to FedAvg, the alpha gradient, Ditto's personal
+schedule, argument checks.
 
-Equality with the naive per-client loops runs in test_common.py.
+Equality with the naive per-client loops (also with `personal_steps` /
+`personal_epochs` set) runs in test_common.py.
 """
 
 import jax
@@ -28,10 +30,13 @@ def test_global_model_follows_fedavg(tiny_train, factory):
     np.testing.assert_allclose(m["train_loss"], m_avg["train_loss"], rtol=1e-6)
 
 
-def test_ditto_personal_step_has_the_proximal_pull(tiny_train):
+@pytest.mark.parametrize("schedule", [{"local_steps": 1}, {"local_steps": 3, "personal_steps": 1}],
+                         ids=["one-local-step", "personal_steps=1"])
+def test_ditto_personal_step_has_the_proximal_pull(tiny_train, schedule):
     """One personal SGD step: v' = v - eta (grad f(v) + lambda (v - w)). With the same
-    minibatch, lambda = 10 and eta = 0.1 differ from lambda = 0 by exactly w - v."""
-    cfg = {**CFG, "local_steps": 1, "personal_lr": 0.1}
+    minibatch, lambda = 10 and eta = 0.1 differ from lambda = 0 by exactly w - v
+    (also when the global copy takes 3 steps and `personal_steps=1`)."""
+    cfg = {**CFG, **schedule, "personal_lr": 0.1}
     pulled, free = ditto(MODEL, lam=10.0, **cfg), ditto(MODEL, lam=0.0, **cfg)
     state = pulled.init(jax.random.key(0), tiny_train)
     other = MODEL.init(jax.random.key(9))
@@ -48,6 +53,39 @@ def test_ditto_personal_step_has_the_proximal_pull(tiny_train):
         diff = np.asarray(pa) - np.asarray(pb)
         np.testing.assert_allclose(diff[has], np.broadcast_to(w - v, diff[has].shape), atol=1e-5)
         np.testing.assert_array_equal(diff[~has], 0.0)
+
+
+def _ditto_round(tiny_train, **kwargs):
+    algo = ditto(MODEL, **{**CFG, **kwargs})
+    state = algo.init(jax.random.key(0), tiny_train)
+    return state, jax.jit(algo.round)(state, tiny_train, KEY)
+
+
+@pytest.mark.parametrize("schedule,personal", [
+    ({"local_steps": 3}, {"personal_steps": 3}),
+    ({"local_steps": None, "local_epochs": 2}, {"personal_epochs": 2})], ids=["steps", "epochs"])
+def test_ditto_personal_schedule_defaults_to_the_local_one(tiny_train, schedule, personal):
+    """personal_steps / personal_epochs = None is the global copy's schedule, bit for bit."""
+    _, default = _ditto_round(tiny_train, **schedule)
+    _, explicit = _ditto_round(tiny_train, **schedule, **personal)
+    testing.assert_trees_close(default, explicit, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("personal", [{"personal_steps": 7}, {"personal_epochs": 1}])
+def test_ditto_personal_schedule_changes_only_the_personal_models(tiny_train, personal):
+    state, (default, m_default) = _ditto_round(tiny_train)
+    _, (other, m_other) = _ditto_round(tiny_train, **personal)
+    # the global model (FedAvg) and its loss do not depend on the personal schedule
+    testing.assert_trees_close(other.params, default.params, rtol=0, atol=0)
+    np.testing.assert_array_equal(m_other["train_loss"], m_default["train_loss"])
+    ids = np.asarray(testing.common.cohort(tiny_train, KEY, CFG["clients_per_round"])[0])
+    trained = ids[np.asarray(tiny_train.num_examples)[ids] > 0]
+    untouched = np.setdiff1d(np.arange(tiny_train.num_clients), trained)
+    for a, b, before in zip(*map(jax.tree.leaves, (other.client_params, default.client_params,
+                                                   state.client_params))):
+        assert np.all(np.max(np.abs(np.asarray(a - b)[trained]).reshape(len(trained), -1),
+                             axis=1) > 1e-6)
+        np.testing.assert_array_equal(np.asarray(a)[untouched], np.asarray(before)[untouched])
 
 
 def test_apfl_alpha_gradient_matches_finite_differences(tiny_train):
@@ -89,6 +127,11 @@ def test_apfl_with_alpha_zero_evaluates_the_global_model(tiny_train, tiny_test):
 @pytest.mark.parametrize("factory,kwargs,name", [
     (ditto, {"lam": -1.0}, "lam"),
     (ditto, {"personal_lr": "x"}, "personal_lr"),
+    (ditto, {"personal_steps": 0}, "personal_steps"),
+    (ditto, {"personal_steps": 2.0}, "personal_steps"),
+    (ditto, {"personal_epochs": True}, "personal_epochs"),
+    (ditto, {"personal_epochs": -1}, "personal_epochs"),
+    (ditto, {"personal_steps": 2, "personal_epochs": 1}, "personal_steps / personal_epochs"),
     (apfl, {"alpha": 1.5}, "alpha"),
     (apfl, {"alpha_lr": -0.1}, "alpha_lr"),
     (apfl, {"local_steps": 2, "local_epochs": 1}, "local_steps"),

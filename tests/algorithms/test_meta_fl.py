@@ -1,4 +1,5 @@
-"""nu-step meta-FL and Per-FedAvg: reductions, gradient checks, naive loop, compile once.
+"""nu-step meta-FL and Per-FedAvg: reductions, gradient checks, naive loop, compile once,
+the evaluation's step size `eval_lr` (its naive reference runs in test_common.py).
 
 The gradient checks run in float64 (`jax.enable_x64` inside the test) on a
 small MLP: the exact meta-gradient against central finite differences of
@@ -190,6 +191,64 @@ def test_compiles_once_per_nu_and_hparams_are_traced(tiny_train, tiny_test, nu):
     out = jax.jit(algo.evaluate)(state, tiny_train, tiny_test)
     assert out["curve_num_correct"].shape == (tiny_train.num_clients, 6)
     np.testing.assert_array_equal(out["num_correct"], out["curve_num_correct"][:, nu])
+
+
+def _trained(tiny_train, factory=meta_fl, **kwargs):
+    """(algorithm, the state after one round) of `factory(MODEL, **KW, **kwargs)`."""
+    algo = factory(MODEL, **{**KW, **kwargs})
+    state = algo.init(jax.random.key(0), tiny_train)
+    return algo, jax.jit(algo.round)(state, tiny_train, jax.random.key(1))[0]
+
+
+@pytest.mark.parametrize("factory", [meta_fl, per_fedavg], ids=["meta_fl", "per_fedavg"])
+def test_eval_lr_defaults_to_alpha(tiny_train, tiny_test, factory):
+    """eval_lr = None fine-tunes with alpha, bit for bit, and follows a swept alpha."""
+    algo, state = _trained(tiny_train, factory)
+    default = jax.jit(algo.evaluate)(state, tiny_train, tiny_test)
+    explicit_algo, explicit_state = _trained(tiny_train, factory, eval_lr=KW["inner_lr"])
+    testing.assert_trees_close(explicit_state.params, state.params, rtol=0, atol=0)
+    explicit = jax.jit(explicit_algo.evaluate)(explicit_state, tiny_train, tiny_test)
+    testing.assert_trees_close(explicit, default, rtol=0, atol=0)
+    # alpha changed in the state (a sweep) is also the evaluation's step
+    swept = state.replace(hparams={**state.hparams, "inner_lr": jnp.float32(0.4)})
+    other = factory(MODEL, **{**KW, "eval_lr": 0.4})
+    with_eval_lr = state.replace(hparams={**state.hparams, "eval_lr": jnp.float32(0.4)})
+    testing.assert_trees_close(jax.jit(algo.evaluate)(swept, tiny_train, tiny_test),
+                               jax.jit(other.evaluate)(with_eval_lr, tiny_train, tiny_test),
+                               rtol=0, atol=0)
+
+
+def test_eval_lr_changes_only_the_evaluation(tiny_train, tiny_test):
+    algo, state = _trained(tiny_train)
+    other_algo, other_state = _trained(tiny_train, eval_lr=0.5)
+    testing.assert_trees_close(other_state.params, state.params, rtol=0, atol=0)
+    a = jax.jit(algo.evaluate)(state, tiny_train, tiny_test)
+    b = jax.jit(other_algo.evaluate)(other_state, tiny_train, tiny_test)
+    # nu' = 0 tests the global model; every later point of the curve fine-tunes with eval_lr
+    np.testing.assert_array_equal(a["curve_loss_sum"][:, 0], b["curve_loss_sum"][:, 0])
+    with_data = (np.asarray(tiny_train.num_examples) > 0) & (np.asarray(tiny_test.num_examples)
+                                                              > 0)
+    assert np.all(np.abs(np.asarray(a["curve_loss_sum"] - b["curve_loss_sum"])[with_data, 1:])
+                  > 1e-6)
+
+
+def test_eval_lr_is_traced(tiny_train, tiny_test):
+    algo, state = _trained(tiny_train, eval_lr=0.1)
+    evaluate = jax.jit(algo.evaluate)
+    out = [evaluate(state.replace(hparams={**state.hparams, "eval_lr": jnp.float32(lr)}),
+                    tiny_train, tiny_test) for lr in (0.1, 0.3)]
+    assert evaluate._cache_size() == 1
+    built, built_state = _trained(tiny_train, eval_lr=0.3)
+    want = jax.jit(built.evaluate)(built_state, tiny_train, tiny_test)
+    testing.assert_trees_close(out[1], want, rtol=0, atol=0)
+    assert not np.allclose(out[0]["curve_loss_sum"], out[1]["curve_loss_sum"])
+
+
+@pytest.mark.parametrize("factory", [meta_fl, per_fedavg], ids=["meta_fl", "per_fedavg"])
+@pytest.mark.parametrize("eval_lr", [-0.1, "x", float("inf"), True])
+def test_bad_eval_lr_is_rejected(factory, eval_lr):
+    with pytest.raises(ValueError, match="eval_lr"):
+        factory(MODEL, eval_lr=eval_lr)
 
 
 @pytest.mark.parametrize("kwargs,match", [

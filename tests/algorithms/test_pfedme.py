@@ -1,7 +1,9 @@
-"""pFedMe: reductions to plain SGD, the Moreau step, argument checks.
+"""pFedMe: reductions to plain SGD, the Moreau step, the released code's options
+(`train_all_clients`, `mu`), argument checks.
 
-Equality with the per-client Python loop (`testing.naive_meta`), compile-once,
-padding and execution-strategy invariance run in test_common.py.
+Equality with the per-client Python loop (`testing.naive_meta`; also with
+`train_all_clients` and `mu` set), compile-once, padding and execution-strategy
+invariance run in test_common.py.
 """
 
 import jax
@@ -58,7 +60,76 @@ def test_beta_scales_the_server_step(tiny_train):
     assert max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(step_a)) > 1e-4
 
 
+COHORT = dict(KW, clients_per_round=5)
+ROUND_KEY = jax.random.key(1)
+
+
+def _round(train, **kwargs):
+    algo = pfedme(MODEL, **{**COHORT, **kwargs})
+    state = algo.init(jax.random.key(0), train)
+    return state, jax.jit(algo.round)(state, train, ROUND_KEY)
+
+
+def test_train_all_clients_keeps_the_global_model_and_refreshes_every_personal_model(
+        tiny_train):
+    """The released code's round: the cohort computes what it computes in the default
+    round (same keys, same start), so the global model is the same; every other
+    client with data also trains its personal model; the train loss covers all."""
+    state, (default, m_default) = _round(tiny_train)
+    _, (every, m_every) = _round(tiny_train, train_all_clients=True)
+    testing.assert_trees_close(every.params, default.params, rtol=0, atol=0)
+    ids = np.asarray(testing.common.cohort(tiny_train, ROUND_KEY, 5)[0])
+    n = np.asarray(tiny_train.num_examples)
+    others = np.setdiff1d(np.arange(tiny_train.num_clients), ids)
+    for a, b, before in zip(*map(jax.tree.leaves, (every.client_params, default.client_params,
+                                                   state.client_params))):
+        a, b, before = map(np.asarray, (a, b, before))
+        np.testing.assert_array_equal(a[ids], b[ids])
+        np.testing.assert_array_equal(b[others], before[others])  # the paper's round
+        moved = np.abs(a - before).reshape(len(a), -1).max(1) > 1e-6
+        np.testing.assert_array_equal(moved[others], n[others] > 0)
+    assert not np.isclose(float(m_every["train_loss"]), float(m_default["train_loss"]))
+
+
+def test_train_all_clients_with_full_participation_is_the_default_round(tiny_train):
+    a = _round(tiny_train, clients_per_round=None)[1]
+    b = _round(tiny_train, clients_per_round=None, train_all_clients=True)[1]
+    testing.assert_trees_close(a, b, rtol=0, atol=0)
+
+
+def test_mu_is_weight_decay_on_the_personal_sub_problem(tiny_train):
+    """One step (R = K = 1, lambda = 0): theta' = w - eta_p (grad f(w) + mu w), so mu
+    moves theta by exactly -eta_p mu w against mu = 0; the local copy does not move."""
+    kw = dict(lam=0.0, personal_lr=0.1, local_steps=1, inner_steps=1)
+    state, (base, _) = _round(tiny_train, **kw)
+    _, (decayed, _) = _round(tiny_train, mu=0.5, **kw)
+    testing.assert_trees_close(decayed.params, base.params, rtol=0, atol=0)
+    ids = np.asarray(testing.common.cohort(tiny_train, ROUND_KEY, 5)[0])
+    has = ids[np.asarray(tiny_train.num_examples)[ids] > 0]
+    for a, b, w in zip(*map(jax.tree.leaves, (decayed.client_params, base.client_params,
+                                              state.params))):
+        diff = np.asarray(a)[has] - np.asarray(b)[has]
+        np.testing.assert_allclose(diff, np.broadcast_to(-0.1 * 0.5 * np.asarray(w), diff.shape),
+                                   atol=1e-6)
+
+
+def test_mu_is_traced(tiny_train):
+    """mu lives in state.hparams: an algorithm built with mu = 0 run on a state whose
+    mu is 0.3 is the algorithm built with mu = 0.3 (and differs from mu = 0)."""
+    state, (zero, _) = _round(tiny_train)
+    algo = pfedme(MODEL, **COHORT)
+    swept = state.replace(hparams={**state.hparams, "mu": jnp.float32(0.3)})
+    got, _ = jax.jit(algo.round)(swept, tiny_train, ROUND_KEY)
+    _, (want, _) = _round(tiny_train, mu=0.3)
+    testing.assert_trees_close(got, want, rtol=0, atol=0)
+    assert not np.allclose(np.asarray(got.client_params["head"]["bias"]),
+                           np.asarray(zero.client_params["head"]["bias"]))
+
+
 @pytest.mark.parametrize("kwargs,match", [
+    ({"mu": -0.1}, "mu"), ({"mu": "x"}, "mu"), ({"mu": float("nan")}, "mu"),
+    ({"train_all_clients": 1}, "train_all_clients"),
+    ({"train_all_clients": "yes"}, "train_all_clients"),
     ({"lam": -1.0}, "lam"), ({"inner_steps": 0}, "inner_steps"), ({"personal_lr": "x"},
                                                                    "personal_lr"),
     ({"beta": -0.5}, "beta"), ({"weighting": "median"}, "weighting"),
