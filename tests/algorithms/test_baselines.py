@@ -56,6 +56,7 @@ def test_hypcluster_with_one_hypothesis_is_fedavg(tiny_train, tiny_test):
     np.testing.assert_array_equal(algo.evaluate(got, tiny_train, tiny_test)["model"], 0.0)
 
 
+@pytest.mark.slow
 def test_hypcluster_assigns_sampled_clients_to_their_min_loss_hypothesis(tiny_train):
     algo = ALGORITHMS["hypcluster"](MODEL, num_models=2, clients_per_round=5, **CONFIG)
     state = algo.init(jax.random.key(0), tiny_train)
@@ -134,6 +135,7 @@ def test_lg_fedavg_keeps_the_representation_local_and_averages_the_head(tiny_tra
     assert len({kernels[i].tobytes() for i in trained}) == len(trained)  # each its own
 
 
+@pytest.mark.slow
 def test_fedbabu_is_fedavg_with_the_head_frozen_and_fine_tunes_at_evaluation(tiny_train,
                                                                             tiny_test):
     config = {**CONFIG, "local_epochs": 2, "clients_per_round": 5}

@@ -133,6 +133,7 @@ def _two_populations(seed):
     return ClientData.from_clients(clients, num_classes=3)
 
 
+@pytest.mark.slow
 def test_two_populations_split_into_their_own_clusters():
     train, test = _two_populations(0), _two_populations(1)
     model = models.logistic_regression((6,), 3)

@@ -76,6 +76,7 @@ def test_every_algorithm_has_a_naive_reference():
     assert set(ALGORITHMS) <= set(testing.NAIVE_ROUNDS)
 
 
+@pytest.mark.costly
 def test_round_preserves_state_shapes_compiles_once_and_is_finite(name, tiny_train, tiny_test):
     algo, _, round_fn, evaluate = build(name, **SHARED)
     state = init(algo, tiny_train)
@@ -181,6 +182,7 @@ OPTIONS = [
 
 @pytest.mark.parametrize("name,options", OPTIONS, ids=[
     f"{n}-" + "-".join(f"{k}={v}" for k, v in o.items()) for n, o in OPTIONS])
+@pytest.mark.costly
 def test_options_equal_naive_per_client_loop(name, options, tiny_train):
     algo, config, round_fn, _ = build(name, clients_per_round=COHORT, local_steps=None,
                                       local_epochs=2, **options)
@@ -193,7 +195,8 @@ def test_options_equal_naive_per_client_loop(name, options, tiny_train):
         np.testing.assert_allclose(metrics["train_loss"], want_metrics["train_loss"], rtol=1e-5)
 
 
-@pytest.mark.parametrize("eval_lr", [None, 0.3], ids=["eval_lr=None", "eval_lr=0.3"])
+@pytest.mark.parametrize("eval_lr", [None, pytest.param(0.3, marks=pytest.mark.costly)],
+                         ids=["eval_lr=None", "eval_lr=0.3"])
 @pytest.mark.parametrize("name", sorted(testing.NAIVE_EVALUATES))
 def test_evaluate_equals_naive_reference(name, eval_lr, tiny_train, tiny_test):
     """Evaluations that fine-tune first (meta-FL, Per-FedAvg) equal their naive loop."""

@@ -18,6 +18,7 @@ KEY = jax.random.key(5)
 CFG = {"batch_size": 4, "local_steps": 3, "client_lr": 0.1, "clients_per_round": 6}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("factory", [ditto, apfl], ids=["ditto", "apfl"])
 def test_global_model_follows_fedavg(tiny_train, factory):
     """Neither the personal models nor alpha feed back into the global copy."""
@@ -113,6 +114,7 @@ def test_apfl_alpha_gradient_matches_finite_differences(tiny_train):
     np.testing.assert_allclose(got, grad_fd, rtol=2e-3, atol=2e-5)
 
 
+@pytest.mark.slow
 def test_apfl_with_alpha_zero_evaluates_the_global_model(tiny_train, tiny_test):
     algo, avg = apfl(MODEL, alpha=0.0, alpha_lr=0.0, **CFG), fedavg(MODEL, **CFG)
     s, s_avg = algo.init(jax.random.key(0), tiny_train), avg.init(jax.random.key(0), tiny_train)

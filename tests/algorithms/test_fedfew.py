@@ -98,7 +98,8 @@ STREAM_CFG = {"num_models": 3, "batch_size": 4, "local_steps": 1, "client_lr": 0
 
 
 @pytest.mark.parametrize("execution", [
-    Execution("vmap"), Execution("chunked", chunk_size=4), Execution("sharded", chunk_size=2)],
+    Execution("vmap"), Execution("chunked", chunk_size=4),
+    pytest.param(Execution("sharded", chunk_size=2), marks=pytest.mark.slow)],
     ids=["vmap", "chunked", "sharded"])
 def test_streamed_round_equals_the_dense_one(tiny_train, execution):
     """The round streams sum_i alpha_i w_ik delta_ik through map_reduce; it must equal

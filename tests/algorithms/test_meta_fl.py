@@ -200,6 +200,7 @@ def _trained(tiny_train, factory=meta_fl, **kwargs):
     return algo, jax.jit(algo.round)(state, tiny_train, jax.random.key(1))[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("factory", [meta_fl, per_fedavg], ids=["meta_fl", "per_fedavg"])
 def test_eval_lr_defaults_to_alpha(tiny_train, tiny_test, factory):
     """eval_lr = None fine-tunes with alpha, bit for bit, and follows a swept alpha."""
@@ -232,6 +233,7 @@ def test_eval_lr_changes_only_the_evaluation(tiny_train, tiny_test):
                   > 1e-6)
 
 
+@pytest.mark.slow
 def test_eval_lr_is_traced(tiny_train, tiny_test):
     algo, state = _trained(tiny_train, eval_lr=0.1)
     evaluate = jax.jit(algo.evaluate)
