@@ -257,7 +257,7 @@ ALGORITHM_ARGS = [
          ValueError, r"^clients_per_round: expected at most the number of clients \(4\)"),
     Case("weighting unknown", _factory(weighting="size"), ValueError, r"^weighting:"),
     Case("optimizer unknown", _factory(client_optimizer="sgdd"), ValueError,
-         r"^optimizer: 'sgdd'"),
+         r"^client_optimizer: 'sgdd'"),
 ]
 
 

@@ -17,6 +17,7 @@ SMOKE = {
     "checkpoint_cost": ["--quick"],
     "data_scale": ["--quick"],
     "driver_overhead": ["--quick"],
+    "identity": ["--quick", "--check", "benchmarks/results/identity_reference.npz"],
     "round_speed": ["--quick"],
     "k_models": ["--quick", "--seeds", "0"],
     "meta_cost": ["--quick"],

@@ -15,19 +15,18 @@ averaging, other choices give FedAdam/FedYogi-style servers.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import optax
 from flax import struct
 
-from fedjax_pfl.core import aggregation, algorithm, local
+from fedjax_pfl.core import aggregation, algorithm, config, local
 from fedjax_pfl.core import execution as ex
 from fedjax_pfl.core import round as round_lib
 from fedjax_pfl.core.algorithm import FederatedAlgorithm
 from fedjax_pfl.models.model import Model
-
-WEIGHTINGS = ("num_examples", "uniform")
-
 
 @struct.dataclass
 class FedAvgState:
@@ -46,70 +45,54 @@ class FedAvgState:
     hparams: dict
 
 
-def fedavg(
-    model: Model,
-    *,
-    clients_per_round: int | None = None,
-    batch_size: int = 32,
-    local_steps: int | None = None,
-    local_epochs: int | None = None,
-    client_optimizer: local.OptimizerSpec = "sgd",
-    client_lr: float = 0.05,
-    server_optimizer: local.OptimizerSpec = "sgd",
-    server_lr: float = 1.0,
-    weighting: str = "num_examples",
-    execution: str | ex.Execution = "vmap",
-    mu: float | None = None,
-) -> FederatedAlgorithm:
-    """FedAvg (FedProx when `mu` is set).
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FedAvgConfig(config.ServerConfig):
+    """FedAvg's hyperparameters (`config.ServerConfig`'s, and):
 
-    Args:
-      model: the model.
-      clients_per_round: S, sampled without replacement each round (None: all).
-      batch_size, local_steps, local_epochs: local schedule (default 1 epoch).
-      client_optimizer: optax name, `lr -> optimizer` factory or optimizer.
-      client_lr: the client learning rate (traced; sweepable).
-      server_optimizer, server_lr: server optimizer on the pseudo-gradient.
+    Attributes:
       weighting: "num_examples" (n_i-weighted mean, McMahan) or "uniform".
-      execution: client-axis strategy ("vmap", "chunked", "sharded" or an
-        `Execution`).
-      mu: FedProx proximal coefficient (None: plain FedAvg).
+      mu: FedProx proximal coefficient (traced; None: plain FedAvg).
     """
-    algorithm.check_cohort_size(clients_per_round)
-    algorithm.check_number("client_lr", client_lr)
-    algorithm.check_number("server_lr", server_lr)
-    algorithm.check_arg("weighting", weighting, weighting in WEIGHTINGS, f"one of {WEIGHTINGS}")
-    if mu is not None:
-        algorithm.check_number("mu", mu)
-    local.check_optimizer("server_optimizer", server_optimizer)
-    schedule = local.LocalSchedule(batch_size, local_steps, local_epochs, client_optimizer)
-    execution = ex.as_execution(execution)
+
+    weighting: str = config.weighting()
+    mu: float | None = config.number(None, optional=True)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FedProxConfig(FedAvgConfig):
+    """FedProx: `FedAvgConfig` with mu = 0.01 by default."""
+
+    mu: float | None = config.number(0.01, optional=True)
+
+
+@config.factory(FedAvgConfig)
+def fedavg(model: Model, cfg: FedAvgConfig) -> FederatedAlgorithm:
+    """FedAvg (FedProx when `mu` is set); hyperparameters: `FedAvgConfig`."""
+    schedule, execution = cfg.schedule, cfg.strategy
     loss_fn = local.model_loss_fn(model)
-    extra = {} if mu is None else {"mu": mu}
 
     def init(key, train, params=None):
-        algorithm.check_data(model, train, clients_per_round)
+        algorithm.check_data(model, train, cfg.clients_per_round)
         params = algorithm.initial_params(model, key, params)
-        hp = algorithm.hparams(client_lr=client_lr, server_lr=server_lr, **extra)
-        opt_state = local.make_optimizer(server_optimizer, hp["server_lr"]).init(params)
+        hp = cfg.hparams()
+        opt_state = local.make_optimizer(cfg.server_optimizer, hp["server_lr"]).init(params)
         return FedAvgState(jnp.zeros((), jnp.int32), params, opt_state, hp)
 
     def client_update(broadcast, x):
         params, hp = broadcast
         data, key, weight = x
         penalty = None
-        if mu is not None:
+        if cfg.mu is not None:
             penalty = lambda p: 0.5 * hp["mu"] * optax.tree.norm(optax.tree.sub(p, params),
                                                                  squared=True)
         result = schedule.train(loss_fn, params, data, key, hp["client_lr"], penalty)
         return result.mean_loss(), aggregation.weighted_delta(result.params, params, weight)
 
     def round_fn(state, train, key, cohort=None):
-        _, data, keys, n = round_lib.start(key, train, clients_per_round, cohort)
-        weights = n if weighting == "num_examples" else (n > 0).astype(jnp.float32)
+        _, data, keys, n = round_lib.start(key, train, cfg.clients_per_round, cohort)
         losses, (delta_sum, weight_sum) = ex.map_reduce(
-            client_update, (state.params, state.hparams), (data, keys, weights), execution)
-        server_opt = local.make_optimizer(server_optimizer, state.hparams["server_lr"])
+            client_update, (state.params, state.hparams), (data, keys, cfg.weights(n)), execution)
+        server_opt = local.make_optimizer(cfg.server_optimizer, state.hparams["server_lr"])
         params, opt_state = aggregation.server_update(
             server_opt, state.params, state.opt_state, aggregation.safe_div(delta_sum, weight_sum))
         metrics = {"train_loss": round_lib.mean_loss(losses, n)}
@@ -122,15 +105,10 @@ def fedavg(
     return FederatedAlgorithm(init, round_fn, evaluate)
 
 
-def fedprox(model: Model, *, mu: float = 0.01, **kwargs) -> FederatedAlgorithm:
-    """FedProx: FedAvg whose clients minimise f_i(w) + mu/2 ||w - w_t||^2.
-
-    Args:
-      model: the model.
-      mu: the proximal coefficient (traced; `hparams["mu"]`).
-      **kwargs: as for `fedavg`.
-    """
-    return fedavg(model, mu=mu, **kwargs)
+@config.factory(FedProxConfig)
+def fedprox(model: Model, cfg: FedProxConfig) -> FederatedAlgorithm:
+    """FedProx: FedAvg whose clients minimise f_i(w) + mu/2 ||w - w_t||^2 (mu traced)."""
+    return fedavg.build(model, cfg)
 
 
 def evaluate_shared(model: Model, params, test, execution: ex.Execution):

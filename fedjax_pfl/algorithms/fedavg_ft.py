@@ -8,32 +8,23 @@ personalized FL (e.g. PFLlib, pFL-Bench).
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
-from fedjax_pfl.algorithms.fedavg import fedavg
-from fedjax_pfl.core import algorithm, finetune, local, sampling
+from fedjax_pfl.algorithms.fedavg import FedAvgConfig, fedavg
+from fedjax_pfl.core import algorithm, config, finetune, local, sampling
 from fedjax_pfl.core import execution as ex
 from fedjax_pfl.core.algorithm import FederatedAlgorithm
 from fedjax_pfl.models.model import Model
 
 
-def fedavg_ft(
-    model: Model,
-    *,
-    ft_steps: int | None = None,
-    ft_epochs: int | None = None,
-    ft_batch_size: int = 32,
-    ft_lr: float = 0.05,
-    ft_optimizer: local.OptimizerSpec = "sgd",
-    ft_seed: int = 0,
-    ft_curve_steps: int | None = None,
-    **kwargs,
-) -> FederatedAlgorithm:
-    """FedAvg with local fine-tuning in `evaluate`.
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FedAvgFTConfig(FedAvgConfig):
+    """`FedAvgConfig` plus the fine-tuning of `evaluate`.
 
-    Args:
-      model: the model.
+    Attributes:
       ft_steps, ft_epochs, ft_batch_size, ft_optimizer: the fine-tuning
         schedule (default one epoch; 0 steps or epochs evaluates the global
         model as it is).
@@ -43,21 +34,35 @@ def fedavg_ft(
       ft_curve_steps: if set (nu_max), `evaluate` also reports the curve
         `curve_num_correct`, `curve_loss_sum` [M, nu_max + 1] of nu' plain SGD
         steps with `ft_lr` on `ft_batch_size` minibatches (`core.finetune`).
-      **kwargs: as for `fedavg`.
     """
-    algorithm.check_number("ft_lr", ft_lr)
-    ft_seed = algorithm.check_seed("ft_seed", ft_seed)
-    if ft_curve_steps is not None:
-        finetune.check_curve_args(ft_curve_steps, 0, ft_batch_size, prefix="ft_curve_")
-    schedule = local.LocalSchedule(ft_batch_size, ft_steps, ft_epochs, ft_optimizer, prefix="ft_",
-                                   allow_zero=True)
-    base = fedavg(model, **kwargs)
-    execution = ex.as_execution(kwargs.get("execution", "vmap"))
-    loss_fn = local.model_loss_fn(model)
 
-    def init(key, train, params=None):
-        state = base.init(key, train, params)
-        return state.replace(hparams={**state.hparams, **algorithm.hparams(ft_lr=ft_lr)})
+    ft_steps: int | None = None
+    ft_epochs: int | None = None
+    ft_batch_size: int = 32
+    ft_lr: float = config.number(0.05)
+    ft_optimizer: local.OptimizerSpec = "sgd"
+    ft_seed: int = config.seed()
+    ft_curve_steps: int | None = None
+
+    def check(self):
+        self.ft_schedule  # noqa: B018 - validates it
+        if self.ft_curve_steps is not None:
+            finetune.check_curve_args(self.ft_curve_steps, 0, self.ft_batch_size,
+                                      prefix="ft_curve_")
+
+    @property
+    def ft_schedule(self) -> local.LocalSchedule:
+        return local.LocalSchedule(self.ft_batch_size, self.ft_steps, self.ft_epochs,
+                                   self.ft_optimizer, prefix="ft_", allow_zero=True)
+
+
+@config.factory(FedAvgFTConfig)
+def fedavg_ft(model: Model, cfg: FedAvgFTConfig) -> FederatedAlgorithm:
+    """FedAvg with local fine-tuning in `evaluate`; hyperparameters: `FedAvgFTConfig`."""
+    schedule, execution = cfg.ft_schedule, cfg.strategy
+    base = fedavg.build(model, cfg)
+    loss_fn = local.model_loss_fn(model)
+    ft_seed, ft_curve_steps, ft_batch_size = cfg.ft_seed, cfg.ft_curve_steps, cfg.ft_batch_size
 
     def evaluate(state, train, test):
         algorithm.check_same_clients(train.num_clients, test, "test")
@@ -79,5 +84,5 @@ def fedavg_ft(
             out.update({k: v for k, v in curve.items() if k.startswith("curve_")})
         return out
 
-    return FederatedAlgorithm(init, base.round, evaluate)
+    return FederatedAlgorithm(base.init, base.round, evaluate)
 

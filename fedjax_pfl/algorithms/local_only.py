@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from fedjax_pfl.core import algorithm, local
+from fedjax_pfl.core import algorithm, config, local
 from fedjax_pfl.core import execution as ex
 from fedjax_pfl.core import round as round_lib
 from fedjax_pfl.core.algorithm import FederatedAlgorithm
@@ -32,29 +32,17 @@ class LocalState:
     hparams: dict
 
 
-def local_only(
-    model: Model,
-    *,
-    clients_per_round: int | None = None,
-    batch_size: int = 32,
-    local_steps: int | None = None,
-    local_epochs: int | None = None,
-    client_optimizer: local.OptimizerSpec = "sgd",
-    client_lr: float = 0.05,
-    execution: str | ex.Execution = "vmap",
-) -> FederatedAlgorithm:
-    """Local training only (no communication); arguments as for `fedavg`."""
-    algorithm.check_cohort_size(clients_per_round)
-    algorithm.check_number("client_lr", client_lr)
-    schedule = local.LocalSchedule(batch_size, local_steps, local_epochs, client_optimizer)
-    execution = ex.as_execution(execution)
+@config.factory(config.Config)
+def local_only(model: Model, cfg: config.Config) -> FederatedAlgorithm:
+    """Local training only (no communication); hyperparameters: `core.config.Config`."""
+    schedule, execution = cfg.schedule, cfg.strategy
     loss_fn = local.model_loss_fn(model)
 
     def init(key, train, params=None):
-        algorithm.check_data(model, train, clients_per_round)
+        algorithm.check_data(model, train, cfg.clients_per_round)
         stacked = round_lib.replicate(algorithm.initial_params(model, key, params),
                                       train.num_clients)
-        return LocalState(jnp.zeros((), jnp.int32), stacked, algorithm.hparams(client_lr=client_lr))
+        return LocalState(jnp.zeros((), jnp.int32), stacked, cfg.hparams())
 
     def client_update(hp, x):
         params, data, key = x
@@ -63,7 +51,7 @@ def local_only(
 
     def round_fn(state, train, key, cohort=None):
         cohort, data, keys, n = round_lib.start(
-            key, train, clients_per_round, cohort,
+            key, train, cfg.clients_per_round, cohort,
             state_clients=round_lib.num_clients_of(state.client_params))
         (params, losses), _ = ex.map_reduce(
             client_update, state.hparams, (cohort.take(state.client_params), data, keys), execution)
