@@ -9,8 +9,10 @@ cohort of 5, 3 jitted rounds from seed 0, then `evaluate`. Every array leaf
     python benchmarks/identity.py --save benchmarks/results/identity_reference.npz  # before
     python benchmarks/identity.py --check benchmarks/results/identity_reference.npz # after
 
-`--check` prints the largest absolute difference per case and fails (exit 1)
-above `--tol` (1e-6) or when a leaf is found on one side only.
+`--check` prints the largest difference per case, |got - reference| / max(1,
+|reference|) (absolute for values up to 1, relative above, so a reference saved
+on another CPU or XLA build still matches), and fails (exit 1) above `--tol`
+(1e-6) or when a leaf is found on one side only.
 """
 
 from __future__ import annotations
@@ -80,7 +82,8 @@ def _flatten(prefix: str, tree) -> dict[str, np.ndarray]:
 
 
 def compare(reference: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> tuple[float, list]:
-    """(largest |difference| over the reference's leaves, the leaves found on one side only)."""
+    """(largest |got - ref| / max(1, |ref|) over the reference's leaves, the leaves found
+    on one side only)."""
     worst, missing = 0.0, [f"{key} (new)" for key in sorted(set(got) - set(reference))]
     for key, want in reference.items():
         if key not in got:
@@ -90,7 +93,8 @@ def compare(reference: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> tup
         if have.shape != want.shape:
             missing.append(f"{key} (shape {have.shape} != {want.shape})")
             continue
-        diff = np.abs(have.astype(np.float64) - want.astype(np.float64))
+        want = want.astype(np.float64)
+        diff = np.abs(have.astype(np.float64) - want) / np.maximum(1.0, np.abs(want))
         worst = max(worst, float(np.max(diff, initial=0.0)))
     return worst, missing
 
@@ -125,10 +129,10 @@ def main(argv=None) -> int:
                     if k.startswith(name + "/")}
             worst, missing = compare(want, run_case(algo, options))
             ok = bool(want) and not missing and worst <= args.tol
-            rows.append({"case": name, "leaves": len(want), "max_abs_diff": worst,
+            rows.append({"case": name, "leaves": len(want), "max_diff": worst,
                          "missing": missing, "ok": ok})
             print(f"{'ok  ' if ok else 'FAIL'} {name:45s} {len(want):4d} leaves  "
-                  f"max |diff| {worst:.3g}" + (f"  missing {missing[:3]}" if missing else ""))
+                  f"max diff {worst:.3g}" + (f"  missing {missing[:3]}" if missing else ""))
     result = {"mode": "save" if args.save else "check", "rows": rows,
               "hardware": _common.hardware(), "versions": _common.versions()}
     if args.out:

@@ -9,8 +9,7 @@ from fedjax_pfl.algorithms.cfl import CFLState, cfl
 from fedjax_pfl.algorithms.ditto import DittoState, ditto
 from fedjax_pfl.algorithms.fedalt import PartialState, fedalt
 from fedjax_pfl.algorithms.fedapm import FedAPMState, fedapm
-from fedjax_pfl.algorithms.fedavg import FedAvgState, fedavg, fedprox
-from fedjax_pfl.algorithms.fedavg_ft import fedavg_ft
+from fedjax_pfl.algorithms.fedavg import FedAvgState, fedavg, fedavg_ft, fedprox
 from fedjax_pfl.algorithms.fedbabu import FedBABUState, fedbabu
 from fedjax_pfl.algorithms.fedem import FedEMState, fedem
 from fedjax_pfl.algorithms.fedfew import FedFewState, fedfew

@@ -1,4 +1,4 @@
-"""FedAvg and FedProx: one global model averaged over the cohort.
+"""FedAvg, FedProx and FedAvg-FT: one global model averaged over the cohort.
 
 References:
   McMahan et al., "Communication-Efficient Learning of Deep Networks from
@@ -11,6 +11,11 @@ B -> `batch_size`, eta -> `client_lr`, mu -> `mu` (FedProx). The server step
 applies `server_optimizer` to the pseudo-gradient w_t - sum_i p_i w_i with p_i
 proportional to n_i (or uniform); `optax.sgd(1.0)` (the default) is plain
 averaging, other choices give FedAdam/FedYogi-style servers.
+
+FedAvg-FT trains as FedAvg; at evaluation every client fine-tunes the global
+model on its own training data (the `ft_*` schedule) and is tested with the
+result: the "FedAvg + local adaptation" reference point of personalized FL
+(PFLlib, pFL-Bench).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from fedjax_pfl.core import aggregation, algorithm, config, local
+from fedjax_pfl.core import aggregation, algorithm, config, finetune, local
 from fedjax_pfl.core import execution as ex
 from fedjax_pfl.core import round as round_lib
 from fedjax_pfl.core.algorithm import FederatedAlgorithm
@@ -109,6 +114,46 @@ def fedavg(model: Model, cfg: FedAvgConfig) -> FederatedAlgorithm:
 def fedprox(model: Model, cfg: FedProxConfig) -> FederatedAlgorithm:
     """FedProx: FedAvg whose clients minimise f_i(w) + mu/2 ||w - w_t||^2 (mu traced)."""
     return fedavg.build(model, cfg)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FedAvgFTConfig(config.FineTuning, FedAvgConfig):
+    """`FedAvgConfig` plus the fine-tuning of `evaluate` (`config.FineTuning`), and:
+
+    Attributes:
+      ft_curve_steps: if set (nu_max), `evaluate` also reports the curve
+        `curve_num_correct`, `curve_loss_sum` [M, nu_max + 1] of nu' plain SGD
+        steps with `ft_lr` on `ft_batch_size` minibatches (`core.finetune`).
+    """
+
+    ft_curve_steps: int | None = None
+
+    def check(self):
+        if self.ft_curve_steps is not None:
+            finetune.check_curve_args(self.ft_curve_steps, 0, self.ft_batch_size,
+                                      prefix="ft_curve_")
+        super().check()
+
+
+@config.factory(FedAvgFTConfig)
+def fedavg_ft(model: Model, cfg: FedAvgFTConfig) -> FederatedAlgorithm:
+    """FedAvg with local fine-tuning in `evaluate`; hyperparameters: `FedAvgFTConfig`."""
+    base, loss_fn = fedavg.build(model, cfg), local.model_loss_fn(model)
+
+    def evaluate(state, train, test):
+        tune = lambda b, row, key: cfg.ft_schedule.train(loss_fn, b[0], row, key, b[1]).params
+        lr = state.hparams["ft_lr"]
+        out = finetune.evaluate_tuned(model, tune, (state.params, lr), train, test, cfg.ft_seed,
+                                      cfg.strategy)
+        if cfg.ft_curve_steps is not None:
+            curve = finetune.finetune_evaluate(
+                model, state.params, train, test, lr, max_steps=cfg.ft_curve_steps,
+                report_step=0, batch_size=cfg.ft_batch_size, seed=cfg.ft_seed,
+                execution=cfg.strategy)
+            out.update({k: v for k, v in curve.items() if k.startswith("curve_")})
+        return out
+
+    return FederatedAlgorithm(base.init, base.round, evaluate)
 
 
 def evaluate_shared(model: Model, params, test, execution: ex.Execution):

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import warnings
 from typing import Any, Callable
 
 import jax.numpy as jnp
@@ -158,19 +159,59 @@ class ServerConfig(Config):
     server_lr: float = number(1.0)
 
 
-def factory(config_cls: type[Config], *, fixed: dict | None = None, **defaults):
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FineTuning:
+    """Fields of a fine-tuning evaluation (mix in before the algorithm's config).
+
+    Attributes:
+      ft_steps, ft_epochs, ft_batch_size, ft_optimizer: the fine-tuning
+        schedule (default one epoch; 0 steps or epochs evaluates the model as
+        it is).
+      ft_lr: fine-tuning learning rate (traced; `hparams["ft_lr"]`).
+      ft_seed: seed of the fine-tuning minibatch order (client i uses
+        `fold_in(key(ft_seed), i)`, the same at every evaluation).
+    """
+
+    ft_steps: int | None = None
+    ft_epochs: int | None = None
+    ft_batch_size: int = 32
+    ft_lr: float = number(0.05)
+    ft_optimizer: local.OptimizerSpec = optimizer()
+    ft_seed: int = seed()
+
+    def check(self):
+        self.ft_schedule  # noqa: B018 - validates it
+        super().check()
+
+    @functools.cached_property
+    def ft_schedule(self) -> local.LocalSchedule:
+        """The fine-tuning schedule."""
+        return local.LocalSchedule(self.ft_batch_size, self.ft_steps, self.ft_epochs,
+                                   self.ft_optimizer, prefix="ft_", allow_zero=True)
+
+
+def factory(config_cls: type[Config], *, fixed: dict | None = None,
+            aliases: dict[str, str] | None = None, **defaults):
     """Publishes `build(model, cfg)` as `name(model, **hyperparameters)`.
 
     The result's signature lists the config's fields (the CLI, the sweeps and
     `help()` read it); unknown keywords raise TypeError naming them. `fixed`:
-    fields this entry point sets itself (passing one is an error); `defaults`:
+    fields this entry point sets itself (passing one is an error); `aliases`:
+    old spellings {old: field}, accepted with a DeprecationWarning; `defaults`:
     other defaults than the config's.
     """
-    fixed = dict(fixed or {})
+    fixed, aliases = dict(fixed or {}), dict(aliases or {})
     names = [f.name for f in dataclasses.fields(config_cls) if f.name not in fixed]
 
     def wrap(build):
         def make(model, **kwargs):
+            for old in set(kwargs) & set(aliases):
+                new = aliases[old]
+                if new in kwargs:
+                    raise TypeError(f"{make.__name__}: got both {old!r} and {new!r}; pass {new!r}.")
+                warnings.warn(f"{make.__name__}: {old!r} is deprecated; pass {new!r}.",
+                              DeprecationWarning, stacklevel=2)
+                kwargs[new] = kwargs.pop(old)
             unknown = sorted(set(kwargs) - set(names))
             for key in unknown:
                 if key in fixed:
@@ -188,7 +229,7 @@ def factory(config_cls: type[Config], *, fixed: dict | None = None, **defaults):
             + [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY,
                                  default=defaults.get(n, config_cls.__dataclass_fields__[n].default),
                                  annotation=hints[n]) for n in names])
-        make.config, make.build = config_cls, build
+        make.config, make.build, make.aliases = config_cls, build, aliases
         return make
 
     return wrap

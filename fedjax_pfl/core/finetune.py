@@ -109,3 +109,20 @@ def finetune_evaluate(model: Model, params, train: ClientData, test: ClientData,
                                full_batch=full_batch)
 
     return ex.map_clients(client, (params, lr), (train, test, keys), execution or ex.Execution())
+
+
+def evaluate_tuned(model: Model, tune, broadcast, train: ClientData, test: ClientData, seed: int,
+                   execution: ex.Execution) -> dict[str, jax.Array]:
+    """Per-client [M] test statistics of `tune(broadcast, train_row, key) -> params`.
+
+    Client i's fine-tuning key is `fold_in(key(seed), i)`, the same at every
+    evaluation (FedAvg-FT, FedBABU).
+    """
+    algorithm.check_same_clients(train.num_clients, test, "test")
+    keys = sampling.client_keys(jax.random.key(seed), jnp.arange(train.num_clients))
+
+    def client(b, x):
+        train_row, test_row, key = x
+        return local.evaluate_client(model, tune(b, train_row, key), test_row)
+
+    return ex.map_clients(client, broadcast, (train, test, keys), execution)
