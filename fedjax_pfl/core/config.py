@@ -224,12 +224,12 @@ def factory(config_cls: type[Config], *, fixed: dict | None = None,
 
         functools.update_wrapper(make, build)
         del make.__wrapped__
-        hints = {f.name: f.type for f in dataclasses.fields(config_cls)}
+        fields = {f.name: f for f in dataclasses.fields(config_cls)}
         make.__signature__ = inspect.Signature(
             [inspect.Parameter("model", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
             + [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY,
-                                 default=defaults.get(n, config_cls.__dataclass_fields__[n].default),
-                                 annotation=hints[n]) for n in names])
+                                 default=defaults.get(n, fields[n].default),
+                                 annotation=fields[n].type) for n in names])
         make.config, make.build, make.aliases = config_cls, build, aliases
         make.keywords = tuple(names)
         return make
