@@ -7,21 +7,18 @@ the benchmarks and the conformance test suite are driven by it.
 from fedjax_pfl.algorithms.apfl import APFLState, apfl
 from fedjax_pfl.algorithms.cfl import CFLState, cfl
 from fedjax_pfl.algorithms.ditto import DittoState, ditto
-from fedjax_pfl.algorithms.fedalt import PartialState, fedalt
 from fedjax_pfl.algorithms.fedapm import FedAPMState, fedapm
 from fedjax_pfl.algorithms.fedavg import FedAvgState, fedavg, fedavg_ft, fedprox
 from fedjax_pfl.algorithms.fedbabu import FedBABUState, fedbabu
 from fedjax_pfl.algorithms.fedem import FedEMState, fedem
 from fedjax_pfl.algorithms.fedfew import FedFewState, fedfew
-from fedjax_pfl.algorithms.fedper import fedper
-from fedjax_pfl.algorithms.fedrep import fedrep
 from fedjax_pfl.algorithms.fedrod import FedRoDState, fedrod
-from fedjax_pfl.algorithms.fedsim import fedsim
 from fedjax_pfl.algorithms.hypcluster import HypClusterState, hypcluster
 from fedjax_pfl.algorithms.ifca import IFCAState, ifca
 from fedjax_pfl.algorithms.lg_fedavg import LGFedAvgState, lg_fedavg
 from fedjax_pfl.algorithms.local_only import LocalState, local_only
 from fedjax_pfl.algorithms.meta_fl import MetaFLState, meta_fl, per_fedavg
+from fedjax_pfl.algorithms.partial import PartialState, fedalt, fedper, fedrep, fedsim
 from fedjax_pfl.algorithms.pfedme import PFedMeState, pfedme
 from fedjax_pfl.algorithms.scaffold import SCAFFOLDState, scaffold
 

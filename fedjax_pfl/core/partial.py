@@ -6,7 +6,9 @@ block v (kept per client, stacked [M, ...]) and a shared block u.
 trains a local copy u_i with v frozen (the two phases of alternating
 methods), and `ClientTrainer.joint` trains (v, u_i) together on the same
 minibatches (simultaneous methods). Used by FedAlt / FedSim / FedRep / FedPer
-(`algorithms.partial`) and FedAPM.
+(`algorithms.partial`) and FedAPM; `PersonalConfig` and `averaged_round` are
+shared by every method with a per-client block and an averaged one (also
+LG-FedAvg, FedBABU, FedRoD).
 
 Within a round, the personal phase uses the key `fold_in(client_key, 0)` and
 the shared (or joint) phase `fold_in(client_key, 1)`, so alternating methods
@@ -21,15 +23,50 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_pfl.core import algorithm, local
+from fedjax_pfl.core import aggregation, algorithm, config, local
 from fedjax_pfl.core import execution as ex
 from fedjax_pfl.core import params as params_lib
+from fedjax_pfl.core import round as round_lib
 from fedjax_pfl.models.model import Model
 
 
 def model_partition(model: Model, personal: params_lib.Label) -> params_lib.Partition:
     """The `Partition` of `model`'s params (from shapes only; nothing is computed)."""
     return params_lib.partition(jax.eval_shape(model.init, jax.random.key(0)), personal)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PersonalConfig(config.Config):
+    """`config.Config` plus the personal block and the server's weighting.
+
+    Attributes:
+      personal: which params are personal: top-level module names, a regex on
+        "/"-joined leaf paths, or a predicate (see `core.params.partition`).
+      weighting: server average of the shared part: "num_examples" (n_i) or "uniform".
+    """
+
+    personal: params_lib.Label = ("head",)
+    weighting: str = config.weighting()
+
+
+def averaged_round(cfg: config.Config, client_update, broadcast, client_rows, train, key,
+                   cohort=None):
+    """One round of a method whose clients keep rows and send a weighted delta.
+
+    `client_update((shared, *broadcast), (row, data, key, weight))` trains ONE
+    client and returns `((row', *outputs), weighted_delta)`; the shared part
+    (`broadcast[0]`) moves by the cohort's weighted mean delta (`cfg.weights`).
+    `client_rows`: leaves [M, ...] (may be empty). Returns (shared', rows',
+    outputs [S] (a list), n [S]).
+    """
+    m = round_lib.num_clients_of(client_rows) if jax.tree.leaves(client_rows) else None
+    cohort, data, keys, n = round_lib.start(key, train, cfg.clients_per_round, cohort,
+                                            state_clients=m)
+    (rows, *outputs), (delta_sum, weight_sum) = ex.map_reduce(
+        client_update, broadcast, (cohort.take(client_rows), data, keys, cfg.weights(n)),
+        cfg.strategy)
+    shared = jax.tree.map(jnp.add, broadcast[0], aggregation.safe_div(delta_sum, weight_sum))
+    return shared, cohort.put(client_rows, rows), outputs, n
 
 
 def personal_schedule(schedule: local.LocalSchedule, personal_steps, personal_epochs):

@@ -70,7 +70,7 @@ def _mean(trees, weights):
 
 def _naive_partial(model, state, train, key, cfg, mode):
     check_sgd(cfg)
-    blocks = Blocks.of(model, cfg["personal"] if "personal" in cfg else cfg["head"])
+    blocks = Blocks.of(model, cfg["personal"])
     ids, client_key = cohort(train, key, cfg["clients_per_round"])
     clients = Clients(train)
     lr = float(state.hparams["client_lr"])
@@ -164,9 +164,9 @@ NAIVE_ROUNDS = {
 
 DEFAULTS = {
     "fedalt": {**_ALTERNATING, "personal": ("head",)},
-    "fedrep": {**_ALTERNATING, "head": ("head",)},
+    "fedrep": {**_ALTERNATING, "personal": ("head",)},
     "fedsim": {**_PARTIAL, "personal": ("head",)},
-    "fedper": {**_PARTIAL, "head": ("head",)},
+    "fedper": {**_PARTIAL, "personal": ("head",)},
     "fedapm": {**_PARTIAL, "batch_size": 50, "personal": ("head",), "client_weight": "uniform",
                "server_average": "all"},
 }

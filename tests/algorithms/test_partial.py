@@ -18,7 +18,7 @@ KEY = jax.random.key(5)
 @pytest.mark.parametrize("name, overrides", [
     ("fedalt", {"personal_epochs": 2, "weighting": "uniform"}),
     ("fedsim", {"personal": r"^hidden_0/kernel$", "weighting": "uniform"}),
-    ("fedrep", {"head": ("hidden_0",), "personal_steps": 2}),
+    ("fedrep", {"personal": ("hidden_0",), "personal_steps": 2}),
 ])
 def test_non_default_paths_equal_naive_loop(tiny_train, name, overrides):
     config = {"batch_size": 4, "local_epochs": 1, "client_lr": 0.2, "clients_per_round": 4,
@@ -46,7 +46,7 @@ def test_personal_block_is_what_the_labels_say(tiny_train):
 @pytest.mark.parametrize("factory, kwargs, name", [
     (fedalt, {"personal": ("encoder",)}, "personal"),
     (fedsim, {"personal": lambda p: True}, "personal"),
-    (fedrep, {"head": ("nope",)}, "personal"),
+    (fedrep, {"personal": ("nope",)}, "personal"),
     (fedalt, {"personal_epochs": -1}, "personal_epochs"),
     (fedalt, {"personal_epochs": 1, "personal_steps": 2}, "personal_epochs"),
     (functools.partial(partial_pfl, mode="simultaneous"), {"personal_epochs": 2},
@@ -58,6 +58,18 @@ def test_personal_block_is_what_the_labels_say(tiny_train):
 def test_bad_arguments_raise_before_compile(factory, kwargs, name):
     with pytest.raises(ValueError, match=name):
         factory(MODEL, **kwargs)
+
+
+@pytest.mark.parametrize("factory", [fedrep, fedper])
+def test_old_head_argument_warns_and_equals_personal(tiny_train, factory):
+    with pytest.warns(DeprecationWarning, match="'head' is deprecated; pass 'personal'"):
+        old = factory(MODEL, head=("hidden_0",), clients_per_round=4)
+    new = factory(MODEL, personal=("hidden_0",), clients_per_round=4)
+    states = [algo.round(algo.init(jax.random.key(0), tiny_train), tiny_train, KEY)
+              for algo in (old, new)]
+    testing.assert_trees_close(states[0], states[1], rtol=0, atol=0)
+    with pytest.raises(TypeError, match="both 'head' and 'personal'"):
+        factory(MODEL, head=("head",), personal=("head",))
 
 
 def test_multimodal_dataset_and_two_encoder_model():
