@@ -14,7 +14,8 @@ local step on a minibatch of client i:
 The server averages (body, g) over the cohort (n_i-weighted, or `weighting`);
 clients keep h_i. Client i predicts with g(f(x)) + h_i(f(x)).
 
-Paper symbol -> argument: the head -> `head`, E -> `local_epochs`, B ->
+Paper symbol -> argument: the head (the personal head's shape) -> `personal`
+(the old `head=` is accepted with a DeprecationWarning), E -> `local_epochs`, B ->
 `batch_size`, eta -> `client_lr` (both updates).
 Choices: h_i(f(x)) is computed as the model with its head params replaced by
 h_i, so any model whose head is additive on the logits works; h_i starts as the
@@ -31,15 +32,13 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from fedjax_pfl.core import aggregation, algorithm, local
+from fedjax_pfl.core import aggregation, algorithm, config, local
 from fedjax_pfl.core import execution as ex
-from fedjax_pfl.core import params as params_lib
+from fedjax_pfl.core import partial as partial_lib
 from fedjax_pfl.core import round as round_lib
 from fedjax_pfl.core.algorithm import FederatedAlgorithm
 from fedjax_pfl.data.client_data import client_examples
 from fedjax_pfl.models.model import Model, cross_entropy
-
-WEIGHTINGS = ("num_examples", "uniform")
 
 
 @struct.dataclass
@@ -49,7 +48,7 @@ class FedRoDState:
     Attributes:
       round: int32 scalar, rounds completed.
       params: the federated model: body and generic head (the model's params).
-      personal_head: h_i, every client's personal head: flat dict, leaves [M, ...].
+      personal_head: h_i, each client's personal head (flat dict, leaves [M, ...]).
       hparams: traced scalars: client_lr.
     """
 
@@ -59,36 +58,23 @@ class FedRoDState:
     hparams: dict
 
 
-def fedrod(
-    model: Model,
-    *,
-    head=("head",),
-    clients_per_round: int | None = None,
-    batch_size: int = 32,
-    local_steps: int | None = None,
-    local_epochs: int | None = None,
-    client_optimizer: local.OptimizerSpec = "sgd",
-    client_lr: float = 0.05,
-    weighting: str = "num_examples",
-    execution: str | ex.Execution = "vmap",
-) -> FederatedAlgorithm:
-    """FedRoD (balanced generic head + personal head on a shared body).
+def log_class_counts(model: Model, params, data) -> jax.Array:
+    """log N_i(c) of ONE client's training labels [C] (-1e9 for absent classes)."""
+    examples = client_examples(data)  # [N, ...] in either layout
+    num_classes = jax.eval_shape(model.apply, params, examples, None).shape[-1]
+    rows = jnp.arange(examples["y"].shape[0]) < data.num_examples
+    counts = jnp.sum(jax.nn.one_hot(examples["y"], num_classes) * rows[:, None], 0)
+    return jnp.where(counts > 0, jnp.log(jnp.maximum(counts, 1.0)), -1e9)
 
-    Args:
-      model: the model (logits [B, C], integer labels `y`).
-      head: which params form the head (module names, regex or predicate).
-      clients_per_round: S, sampled without replacement each round (None: all).
-      batch_size, local_steps, local_epochs: local schedule (default 1 epoch).
-      client_optimizer, client_lr: the client optimizer and its lr (traced).
-      weighting: "num_examples" (n_i-weighted mean) or "uniform".
-      execution: client-axis strategy.
+
+@config.factory(partial_lib.PersonalConfig, aliases={"head": "personal"})
+def fedrod(model: Model, cfg: partial_lib.PersonalConfig) -> FederatedAlgorithm:
+    """FedRoD (balanced generic head + personal head h_i of the `personal` params' shape).
+
+    Hyperparameters: `core.partial.PersonalConfig`; the model gives logits
+    [B, C] for integer labels `y`.
     """
-    algorithm.check_cohort_size(clients_per_round)
-    algorithm.check_number("client_lr", client_lr)
-    algorithm.check_arg("weighting", weighting, weighting in WEIGHTINGS, f"one of {WEIGHTINGS}")
-    part = params_lib.partition(jax.eval_shape(model.init, jax.random.key(0)), head, name="head")
-    schedule = local.LocalSchedule(batch_size, local_steps, local_epochs, client_optimizer)
-    execution = ex.as_execution(execution)
+    part = partial_lib.model_partition(model, cfg.personal)
 
     def personal_logits(params, h, batch, key):
         """h(f(x)): the model with its head params replaced by h."""
@@ -107,42 +93,30 @@ def fedrod(
                               + personal_logits(p[0], p[1], batch, key))
 
     def init(key, train, params=None):
-        algorithm.check_data(model, train, clients_per_round)
+        algorithm.check_data(model, train, cfg.clients_per_round)
         params = algorithm.initial_params(model, key, params)
         h = part.split(params)[0]
         return FedRoDState(jnp.zeros((), jnp.int32), params,
-                           round_lib.replicate(h, train.num_clients),
-                           algorithm.hparams(client_lr=client_lr))
+                           round_lib.replicate(h, train.num_clients), cfg.hparams())
 
     def client_update(broadcast, x):
         params, hp = broadcast
         h, data, key, weight = x
-        examples = client_examples(data)  # [N, ...] in either layout
-        num_classes = jax.eval_shape(model.apply, params, examples, None).shape[-1]
-        rows = jnp.arange(examples["y"].shape[0]) < data.num_examples
-        counts = jnp.sum(jax.nn.one_hot(examples["y"], num_classes) * rows[:, None], 0)
-        log_counts = jnp.where(counts > 0, jnp.log(jnp.maximum(counts, 1.0)), -1e9)
-        result = schedule.train(fedrod_loss(log_counts), (params, h), data, key,
-                                hp["client_lr"])
+        result = cfg.schedule.train(fedrod_loss(log_class_counts(model, params, data)),
+                                    (params, h), data, key, hp["client_lr"])
         new_params, h = result.params
         return (h, result.mean_loss()), aggregation.weighted_delta(new_params, params, weight)
 
     def round_fn(state, train, key, cohort=None):
-        cohort, data, keys, n = round_lib.start(
-            key, train, clients_per_round, cohort,
-            state_clients=round_lib.num_clients_of(state.personal_head))
-        weights = n if weighting == "num_examples" else (n > 0).astype(jnp.float32)
-        (h, losses), (delta_sum, weight_sum) = ex.map_reduce(
-            client_update, (state.params, state.hparams),
-            (cohort.take(state.personal_head), data, keys, weights), execution)
-        params = jax.tree.map(jnp.add, state.params, aggregation.safe_div(delta_sum, weight_sum))
+        params, h, (losses,), n = partial_lib.averaged_round(
+            cfg, client_update, (state.params, state.hparams), state.personal_head, train, key,
+            cohort)
         metrics = {"train_loss": round_lib.mean_loss(losses, n)}
-        return state.replace(round=state.round + 1, params=params,
-                             personal_head=cohort.put(state.personal_head, h)), metrics
+        return state.replace(round=state.round + 1, params=params, personal_head=h), metrics
 
     def evaluate(state, train, test):
         del train
         one = lambda params, x: local.evaluate_client(combined, (params, x[0]), x[1])
-        return ex.map_clients(one, state.params, (state.personal_head, test), execution)
+        return ex.map_clients(one, state.params, (state.personal_head, test), cfg.strategy)
 
     return FederatedAlgorithm(init, round_fn, evaluate)

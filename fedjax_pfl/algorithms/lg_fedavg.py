@@ -25,18 +25,19 @@ joint step uses the client's key itself, unlike `fedper`'s phase keys.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import struct
 
-from fedjax_pfl.core import aggregation, algorithm, local
+from fedjax_pfl.core import aggregation, algorithm, config, local
 from fedjax_pfl.core import execution as ex
 from fedjax_pfl.core import params as params_lib
+from fedjax_pfl.core import partial as partial_lib
 from fedjax_pfl.core import round as round_lib
 from fedjax_pfl.core.algorithm import FederatedAlgorithm
 from fedjax_pfl.models.model import Model
-
-WEIGHTINGS = ("num_examples", "uniform")
 
 
 @struct.dataclass
@@ -46,8 +47,8 @@ class LGFedAvgState:
     Attributes:
       round: int32 scalar, rounds completed.
       global_params: g, the server's global layers: flat dict {path: leaf}.
-      client_local: l_i, every client's local layers, flat dict, leaves [M, ...]
-        (empty when `global_layers` covers the whole model).
+      client_local: l_i, each client's local layers (flat dict, leaves [M, ...];
+        empty when `global_layers` covers the whole model).
       hparams: traced scalars: client_lr.
     """
 
@@ -57,72 +58,52 @@ class LGFedAvgState:
     hparams: dict
 
 
-def lg_fedavg(
-    model: Model,
-    *,
-    global_layers: params_lib.Label = ("head",),
-    clients_per_round: int | None = None,
-    batch_size: int = 32,
-    local_steps: int | None = None,
-    local_epochs: int | None = None,
-    client_optimizer: local.OptimizerSpec = "sgd",
-    client_lr: float = 0.05,
-    weighting: str = "num_examples",
-    execution: str | ex.Execution = "vmap",
-) -> FederatedAlgorithm:
-    """LG-FedAvg (personal lower layers, averaged global head).
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LGFedAvgConfig(config.Config):
+    """LG-FedAvg's hyperparameters (`config.Config`'s, and):
 
-    Args:
-      model: the model.
+    Attributes:
       global_layers: which params are global (top-level module names, a regex on
         leaf paths, or a predicate); the rest are each client's local layers.
-      clients_per_round: S, sampled without replacement each round (None: all).
-      batch_size, local_steps, local_epochs: local schedule (default 1 epoch).
-      client_optimizer, client_lr: the client optimizer and its lr (traced).
       weighting: "num_examples" (n_i-weighted mean of g) or "uniform".
-      execution: client-axis strategy.
     """
-    algorithm.check_cohort_size(clients_per_round)
-    algorithm.check_number("client_lr", client_lr)
-    algorithm.check_arg("weighting", weighting, weighting in WEIGHTINGS, f"one of {WEIGHTINGS}")
+
+    global_layers: params_lib.Label = ("head",)
+    weighting: str = config.weighting()
+
+
+@config.factory(LGFedAvgConfig)
+def lg_fedavg(model: Model, cfg: LGFedAvgConfig) -> FederatedAlgorithm:
+    """LG-FedAvg (personal lower layers, averaged global head); see `LGFedAvgConfig`."""
     # The Partition's "personal" flag marks the matched (global) leaves here.
-    part = params_lib.partition(jax.eval_shape(model.init, jax.random.key(0)), global_layers,
+    part = params_lib.partition(jax.eval_shape(model.init, jax.random.key(0)), cfg.global_layers,
                                 name="global_layers", require_shared=False)
-    schedule = local.LocalSchedule(batch_size, local_steps, local_epochs, client_optimizer)
-    execution = ex.as_execution(execution)
     loss_fn = local.model_loss_fn(model)
     joint_loss = lambda p, batch, key: loss_fn(part.merge(p[1], p[0]), batch, key)
 
     def init(key, train, params=None):
-        algorithm.check_data(model, train, clients_per_round)
+        algorithm.check_data(model, train, cfg.clients_per_round)
         g, rep = part.split(algorithm.initial_params(model, key, params))
         return LGFedAvgState(jnp.zeros((), jnp.int32), g,
-                             round_lib.replicate(rep, train.num_clients),
-                             algorithm.hparams(client_lr=client_lr))
+                             round_lib.replicate(rep, train.num_clients), cfg.hparams())
 
     def client_update(broadcast, x):
         g, hp = broadcast
         l_i, data, key, weight = x
-        result = schedule.train(joint_loss, (l_i, g), data, key, hp["client_lr"])
+        result = cfg.schedule.train(joint_loss, (l_i, g), data, key, hp["client_lr"])
         l_i, g_i = result.params
         return (l_i, result.mean_loss()), aggregation.weighted_delta(g_i, g, weight)
 
     def round_fn(state, train, key, cohort=None):
-        state_clients = round_lib.num_clients_of(state.client_local) if state.client_local else None
-        cohort, data, keys, n = round_lib.start(key, train, clients_per_round, cohort,
-                                                state_clients=state_clients)
-        weights = n if weighting == "num_examples" else (n > 0).astype(jnp.float32)
-        (rep, losses), (delta_sum, weight_sum) = ex.map_reduce(
-            client_update, (state.global_params, state.hparams),
-            (cohort.take(state.client_local), data, keys, weights), execution)
-        g = jax.tree.map(jnp.add, state.global_params, aggregation.safe_div(delta_sum, weight_sum))
+        g, rep, (losses,), n = partial_lib.averaged_round(
+            cfg, client_update, (state.global_params, state.hparams), state.client_local, train,
+            key, cohort)
         metrics = {"train_loss": round_lib.mean_loss(losses, n)}
-        return state.replace(round=state.round + 1, global_params=g,
-                             client_local=cohort.put(state.client_local, rep)), metrics
+        return state.replace(round=state.round + 1, global_params=g, client_local=rep), metrics
 
     def evaluate(state, train, test):
         del train
         one = lambda g, x: local.evaluate_client(model, part.merge(g, x[0]), x[1])
-        return ex.map_clients(one, state.global_params, (state.client_local, test), execution)
+        return ex.map_clients(one, state.global_params, (state.client_local, test), cfg.strategy)
 
     return FederatedAlgorithm(init, round_fn, evaluate)

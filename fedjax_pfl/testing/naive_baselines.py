@@ -278,8 +278,8 @@ def _naive_lg_fedavg(model, state, train, key, cfg):
 
 def _naive_fedbabu(model, state, train, key, cfg):
     cfg = _config(train, cfg)
-    if not isinstance(cfg["head"], (tuple, list)):
-        raise NotImplementedError("the naive FedBABU takes `head` as top-level module names.")
+    if not isinstance(cfg["personal"], (tuple, list)):
+        raise NotImplementedError("the naive FedBABU takes `personal` as top-level module names.")
     ids, client_key = _cohort(train, key, cfg["clients_per_round"])
     lr = float(state.hparams["client_lr"])
     flat, treedef = jax.tree_util.tree_flatten_with_path(jax.eval_shape(model.init, key))
@@ -287,7 +287,7 @@ def _naive_fedbabu(model, state, train, key, cfg):
     both = {**state.head, **state.body}
     params = jax.tree_util.tree_unflatten(treedef, [both[p] for p in paths])
     mask = jax.tree_util.tree_unflatten(
-        treedef, [float(p.split("/")[0] not in cfg["head"]) for p in paths])
+        treedef, [float(p.split("/")[0] not in cfg["personal"]) for p in paths])
     body = _f64(state.body)
     delta, weight_sum, loss_num, n_sum = {k: 0 * v for k, v in body.items()}, 0.0, 0.0, 0.0
     for i in ids:
@@ -312,8 +312,8 @@ def _ce(logits, y):
 
 def _naive_fedrod(model, state, train, key, cfg):
     cfg = _config(train, cfg)
-    if not isinstance(cfg["head"], (tuple, list)):
-        raise NotImplementedError("the naive FedRoD takes `head` as top-level module names.")
+    if not isinstance(cfg["personal"], (tuple, list)):
+        raise NotImplementedError("the naive FedRoD takes `personal` as top-level module names.")
     ids, client_key = _cohort(train, key, cfg["clients_per_round"])
     lr = float(state.hparams["client_lr"])
     heads = [_row(state.personal_head, i) for i in range(len(train.num_examples))]
@@ -333,16 +333,16 @@ def _naive_fedrod(model, state, train, key, cfg):
             params, h = p
             generic = model.apply(params, batch, k)
             swapped = {**jax.lax.stop_gradient(params),
-                       **{name: h[name] for name in cfg["head"]}}
+                       **{name: h[name] for name in cfg["personal"]}}
             personal = model.apply(swapped, batch, k)
             return (_ce(generic + log_counts[None, :], batch["y"])
                     + _ce(jax.lax.stop_gradient(generic) + personal, batch["y"]))
 
         head_tree = {name: {leaf.split("/", 1)[1]: a for leaf, a in heads[i].items()
-                            if leaf.split("/", 1)[0] == name} for name in cfg["head"]}
+                            if leaf.split("/", 1)[0] == name} for name in cfg["personal"]}
         (trained, h), steps = sgd(model, (state.params, head_tree), examples,
                                   jax.random.fold_in(client_key, i), lr, cfg, loss=loss)
-        heads[i] = {f"{name}/{leaf}": a for name in cfg["head"] for leaf, a in h[name].items()}
+        heads[i] = {f"{name}/{leaf}": a for name in cfg["personal"] for leaf, a in h[name].items()}
         w = n if cfg["weighting"] == "num_examples" else float(n > 0)
         delta = jax.tree.map(lambda t, a, b, w=w: t + w * (a - b), delta, _f64(trained), x)
         weight_sum += w
@@ -373,6 +373,6 @@ DEFAULTS = {
                    "num_models": 2},
     "fedem": {**_SCHEDULE, "server_optimizer": "sgd", "num_models": 2},
     "lg_fedavg": {**_SCHEDULE, "weighting": "num_examples"},
-    "fedbabu": {**_SCHEDULE, "weighting": "num_examples", "head": ("head",)},
-    "fedrod": {**_SCHEDULE, "weighting": "num_examples", "head": ("head",)},
+    "fedbabu": {**_SCHEDULE, "weighting": "num_examples", "personal": ("head",)},
+    "fedrod": {**_SCHEDULE, "weighting": "num_examples", "personal": ("head",)},
 }

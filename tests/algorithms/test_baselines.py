@@ -185,6 +185,16 @@ def test_fedrod_generic_model_is_fedavg_on_class_balanced_clients():
     assert np.isfinite(got_m["train_loss"])
 
 
+@pytest.mark.parametrize("name", ["fedbabu", "fedrod"])
+def test_old_head_argument_warns_and_equals_personal(name, tiny_train, tiny_test):
+    with pytest.warns(DeprecationWarning, match="'head' is deprecated; pass 'personal'"):
+        old = ALGORITHMS[name](MODEL, head=("hidden_0",), clients_per_round=4, **CONFIG)
+    new = ALGORITHMS[name](MODEL, personal=("hidden_0",), clients_per_round=4, **CONFIG)
+    got = [run(algo, tiny_train, 1)[0] for algo in (old, new)]
+    testing.assert_trees_close(got[0], got[1], rtol=0, atol=0)
+    testing.assert_trees_close(old.evaluate(got[0], tiny_train, tiny_test),
+                               new.evaluate(got[1], tiny_train, tiny_test), rtol=0, atol=0)
+
 def test_argument_errors_name_the_argument():
     for name, kwargs, match in [
             ("scaffold", {"weighting": "size"}, "^weighting:"),
@@ -194,10 +204,10 @@ def test_argument_errors_name_the_argument():
             ("fedem", {"server_lr": -1.0}, "^server_lr:"),
             ("lg_fedavg", {"global_layers": ("nope",)}, "^global_layers:"),
             ("lg_fedavg", {"weighting": "size"}, "^weighting:"),
-            ("fedbabu", {"head": ("nope",)}, "^head:"),
+            ("fedbabu", {"personal": ("nope",)}, "^personal:"),
             ("fedbabu", {"ft_steps": -1}, "^ft_local_steps:"),
             ("fedbabu", {"ft_head_only": 1}, "^ft_head_only:"),
-            ("fedrod", {"head": "nomatch$"}, "^head:"),
+            ("fedrod", {"personal": "nomatch$"}, "^personal:"),
             ("fedrod", {"client_lr": -0.1}, "^client_lr:")]:
         with pytest.raises(ValueError, match=match):
             ALGORITHMS[name](MODEL, **kwargs)
