@@ -101,7 +101,8 @@ def fedbabu(model: Model, cfg: FedBABUConfig) -> FederatedAlgorithm:
         return part.merge(head_params, body)
 
     def evaluate(state, train, test):
-        return finetune.evaluate_tuned(model, tune, (state.body, state.head, state.hparams["ft_lr"]),
-                                       train, test, cfg.ft_seed, cfg.strategy)
+        broadcast = (state.body, state.head, state.hparams["ft_lr"])
+        return finetune.evaluate_tuned(model, tune, broadcast, train, test, cfg.ft_seed,
+                                       cfg.strategy)
 
     return FederatedAlgorithm(init, round_fn, evaluate)

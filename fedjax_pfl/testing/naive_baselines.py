@@ -342,7 +342,8 @@ def _naive_fedrod(model, state, train, key, cfg):
                             if leaf.split("/", 1)[0] == name} for name in cfg["personal"]}
         (trained, h), steps = sgd(model, (state.params, head_tree), examples,
                                   jax.random.fold_in(client_key, i), lr, cfg, loss=loss)
-        heads[i] = {f"{name}/{leaf}": a for name in cfg["personal"] for leaf, a in h[name].items()}
+        heads[i] = {f"{name}/{leaf}": a for name in cfg["personal"]
+                    for leaf, a in h[name].items()}
         w = n if cfg["weighting"] == "num_examples" else float(n > 0)
         delta = jax.tree.map(lambda t, a, b, w=w: t + w * (a - b), delta, _f64(trained), x)
         weight_sum += w
