@@ -13,8 +13,8 @@ model on its own training data (the `ft_*` schedule) and is tested with the
 result.
 
 Paper symbol -> argument: head -> `personal` (the old `head=` is accepted with
-a DeprecationWarning), E -> `local_epochs`, B -> `batch_size`, fine-tuning epochs tau -> `ft_epochs` (or `ft_steps`), its lr ->
-`ft_lr`.
+a DeprecationWarning), E -> `local_epochs`, B -> `batch_size`, fine-tuning
+epochs tau -> `ft_epochs` (or `ft_steps`), its lr -> `ft_lr`.
 Choices: the paper personalizes by fine-tuning the whole model (the default);
 `ft_head_only=True` fine-tunes the head alone (also studied in the paper). The
 fine-tuning order of client i uses `fold_in(key(ft_seed), i)`, as `fedavg_ft`.
