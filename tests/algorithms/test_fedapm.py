@@ -10,9 +10,9 @@ import pytest
 
 from fedjax_pfl import models, testing
 from fedjax_pfl.algorithms import fedalt, fedapm
-from fedjax_pfl.algorithms.fedapm import shared_penalty
 from fedjax_pfl.core import local, partial, sampling
 from fedjax_pfl.core import params as params_lib
+from fedjax_pfl.core.admm import shared_penalty
 
 MODEL = models.mlp((6,), 3, hidden=(8,))
 BASE = {"batch_size": 4, "local_steps": None, "local_epochs": 1, "client_lr": 0.3}
