@@ -33,72 +33,35 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from fedjax_pfl.core import aggregation, algorithm, local
+from fedjax_pfl.core import aggregation, algorithm, config, kmodels, local
 from fedjax_pfl.core import execution as ex
 from fedjax_pfl.core import round as round_lib
 from fedjax_pfl.core.algorithm import FederatedAlgorithm
 from fedjax_pfl.data.client_data import ClientData, client_capacity, client_examples
 from fedjax_pfl.models.model import Model
 
-INITS = ("independent", "shared")
 WEIGHT = "fedem_responsibility"  # the batch field carrying q_ij(k) during local training
 
 
 @struct.dataclass
-class FedEMState:
-    """State of FedEM.
+class FedEMState(kmodels.KModelsState):
+    """State of FedEM: `kmodels.KModelsState` (params: the K components theta_k;
+    hparams: client_lr, server_lr), and
 
     Attributes:
-      round: int32 scalar, rounds completed.
-      params: the K components theta_k, leaves [K, ...].
-      opt_state: the server optimizer's state (over the [K, ...] stack).
       mixture: pi, float32 [M, K], each client's mixture weights.
-      hparams: traced scalars: client_lr, server_lr.
     """
 
-    round: jax.Array
-    params: object
-    opt_state: object
     mixture: jax.Array
-    hparams: dict
 
 
-def fedem(
-    model: Model,
-    *,
-    num_models: int = 2,
-    clients_per_round: int | None = None,
-    batch_size: int = 32,
-    local_steps: int | None = None,
-    local_epochs: int | None = None,
-    client_optimizer: local.OptimizerSpec = "sgd",
-    client_lr: float = 0.05,
-    server_optimizer: local.OptimizerSpec = "sgd",
-    server_lr: float = 1.0,
-    init: str = "independent",
-    execution: str | ex.Execution = "vmap",
-) -> FederatedAlgorithm:
-    """FedEM (EM over a mixture of K shared components).
+@config.factory(kmodels.KModelsConfig, num_models=2)
+def fedem(model: Model, cfg: kmodels.KModelsConfig) -> FederatedAlgorithm:
+    """FedEM (EM over a mixture of K shared components; K = the paper's M, default 2).
 
-    Args:
-      model: the model (its outputs are logits of p(y|x; theta)).
-      num_models: K (the paper's M), the number of components.
-      clients_per_round: S, sampled without replacement each round (None: all).
-      batch_size, local_steps, local_epochs: local schedule (default 1 epoch).
-      client_optimizer, client_lr: the client optimizer and its lr (traced).
-      server_optimizer, server_lr: server optimizer on each component's pseudo-gradient.
-      init: "independent" (paper) or "shared" initialisation of the K components.
-      execution: client-axis strategy.
+    Hyperparameters: `kmodels.KModelsConfig`. The model's outputs are logits of
+    p(y|x; theta).
     """
-    algorithm.check_arg("num_models", num_models, isinstance(num_models, int)
-                        and not isinstance(num_models, bool) and num_models >= 1, "an int >= 1")
-    algorithm.check_cohort_size(clients_per_round)
-    algorithm.check_number("client_lr", client_lr)
-    algorithm.check_number("server_lr", server_lr)
-    algorithm.check_arg("init", init, init in INITS, f"one of {INITS}")
-    local.check_optimizer("server_optimizer", server_optimizer)
-    schedule = local.LocalSchedule(batch_size, local_steps, local_epochs, client_optimizer)
-    execution = ex.as_execution(execution)
     loss_fn = local.model_loss_fn(model)
     weighted_loss = lambda p, batch, key: batch[WEIGHT] * loss_fn(p, batch, key)
 
@@ -112,13 +75,9 @@ def fedem(
     mixture_model = model._replace(apply=mixture_apply)
 
     def init_fn(key, train, params=None):
-        algorithm.check_data(model, train, clients_per_round)
-        params = algorithm.initial_params(model, key, params, num_models=num_models,
-                                          independent=init == "independent")
-        hp = algorithm.hparams(client_lr=client_lr, server_lr=server_lr)
-        opt_state = local.make_optimizer(server_optimizer, hp["server_lr"]).init(params)
-        mixture = jnp.full((train.num_clients, num_models), 1.0 / num_models, jnp.float32)
-        return FedEMState(jnp.zeros((), jnp.int32), params, opt_state, mixture, hp)
+        k = cfg.num_models
+        return kmodels.init_state(FedEMState, model, cfg, key, train, params,
+                                  mixture=jnp.full((train.num_clients, k), 1.0 / k, jnp.float32))
 
     def client_update(broadcast, x):
         params, hp = broadcast
@@ -133,7 +92,7 @@ def fedem(
 
         def train_component(theta, q_k):
             weighted = ClientData({**examples, WEIGHT: q_k}, data.num_examples)  # dense view
-            return schedule.train(weighted_loss, theta, weighted, key, hp["client_lr"])
+            return cfg.schedule.train(weighted_loss, theta, weighted, key, hp["client_lr"])
 
         result = jax.vmap(train_component)(params, q)
         mean_losses = jnp.sum(result.losses * result.counts, 1) / jnp.maximum(
@@ -142,14 +101,12 @@ def fedem(
         return (new_pi, jnp.sum(mean_losses)), (delta, n)
 
     def round_fn(state, train, key, cohort=None):
-        cohort, data, keys, n = round_lib.start(key, train, clients_per_round, cohort,
+        cohort, data, keys, n = round_lib.start(key, train, cfg.clients_per_round, cohort,
                                                 state_clients=state.mixture.shape[0])
         (pi, losses), (delta_sum, n_sum) = ex.map_reduce(
             client_update, (state.params, state.hparams), (cohort.take(state.mixture), data, keys),
-            execution)
-        server_opt = local.make_optimizer(server_optimizer, state.hparams["server_lr"])
-        params, opt_state = aggregation.server_update(server_opt, state.params, state.opt_state,
-                                                      aggregation.safe_div(delta_sum, n_sum))
+            cfg.strategy)
+        params, opt_state = kmodels.server_step(cfg, state, aggregation.safe_div(delta_sum, n_sum))
         metrics = {"train_loss": round_lib.mean_loss(losses, n)}
         return state.replace(round=state.round + 1, params=params, opt_state=opt_state,
                              mixture=cohort.put(state.mixture, pi)), metrics
@@ -157,6 +114,6 @@ def fedem(
     def evaluate(state, train, test):
         algorithm.check_same_clients(state.mixture.shape[0], test, "test")
         return ex.map_clients(lambda t, x: local.evaluate_client(mixture_model, (t, x[0]), x[1]),
-                              state.params, (state.mixture, test), execution)
+                              state.params, (state.mixture, test), cfg.strategy)
 
     return FederatedAlgorithm(init_fn, round_fn, evaluate)
