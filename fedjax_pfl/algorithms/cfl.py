@@ -36,197 +36,99 @@ Choices:
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import struct
 
-from fedjax_pfl.core import aggregation, algorithm, local
+from fedjax_pfl.core import clustering, config, kmodels, local
 from fedjax_pfl.core import execution as ex
 from fedjax_pfl.core import round as round_lib
-from fedjax_pfl.core.algorithm import FederatedAlgorithm
+from fedjax_pfl.core.algorithm import FederatedAlgorithm, check_same_clients
 from fedjax_pfl.models.model import Model
 
 LINKAGES = ("complete", "single")
-WEIGHTINGS = ("num_examples", "uniform")
-_HIGHEST = jax.lax.Precision.HIGHEST  # no TF32 in the sums and cosines on GPUs
+bipartition = clustering.bipartition  # where tests and older code import it
 
 
 @struct.dataclass
-class CFLState:
-    """State of CFL.
+class CFLState(kmodels.KModelsState):
+    """State of CFL: `kmodels.KModelsState` over K = max_clusters slots (hparams:
+    client_lr, server_lr, eps1, eps2, warmup_rounds), and
 
     Attributes:
-      round: int32 scalar, rounds completed.
-      params: the K cluster models (K = max_clusters slots), leaves [K, ...].
-      opt_state: the server optimizer's state (over the [K, ...] stack).
       assignment: int32 [M], each client's cluster.
       num_clusters: int32 scalar, slots in use (clusters 0 .. num_clusters - 1).
-      hparams: traced scalars: client_lr, server_lr, eps1, eps2, warmup_rounds.
     """
 
-    round: jax.Array
-    params: object
-    opt_state: object
     assignment: jax.Array
     num_clusters: jax.Array
-    hparams: dict
 
 
-def bipartition(similarity, cluster, member, linkage: str = "complete") -> jax.Array:
-    """Splits each cluster's `member` rows [S] in two by agglomerative clustering on
-    the distance -`similarity` [S, S], `linkage` "complete" (a group's distance is
-    its farthest pair) or "single" (its closest). `cluster`: int [S].
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CFLConfig(config.ServerConfig):
+    """CFL's hyperparameters (`config.ServerConfig`'s, and):
 
-    Returns bool [S]: the members outside the group of their cluster's first member.
-    """
-    size = similarity.shape[0]
-    index = jnp.arange(size)
-    same = (cluster[:, None] == cluster[None, :]) & member[:, None] & member[None, :]
-    similarity = (similarity + similarity.T) / 2  # exactly symmetric
-    dist = jnp.where(same & (index[:, None] != index[None, :]), -similarity, jnp.inf)
-    combine = jnp.maximum if linkage == "complete" else jnp.minimum
-
-    def merge(_, carry):  # the closest two groups of any cluster still in > 2 groups
-        dist, root = carry
-        open_rows = jnp.sum(same & (root == index)[None, :], axis=1) > 2
-        d = jnp.where(open_rows[:, None] & open_rows[None, :], dist, jnp.inf)
-        r, c = jnp.divmod(jnp.argmin(d), size)
-        a, b = jnp.minimum(r, c), jnp.maximum(r, c)  # b joins a: roots are group minima
-        row = combine(dist[a], dist[b])
-        new = dist.at[a].set(row).at[:, a].set(row)
-        new = new.at[b].set(jnp.inf).at[:, b].set(jnp.inf).at[a, a].set(jnp.inf)
-        ok = jnp.isfinite(d[r, c])
-        return jnp.where(ok, new, dist), jnp.where(ok & (root == b), a, root)
-
-    _, root = jax.lax.fori_loop(0, max(size - 2, 0), merge, (dist, index))
-    first = jnp.min(jnp.where(same, index[None, :], size), axis=1)
-    return member & (root != first)
-
-
-def _row_norms(tree) -> jax.Array:
-    """[R] Euclidean norm of each row of a stacked pytree (leaves [R, ...])."""
-    return jnp.sqrt(sum(jnp.sum(jnp.square(a.reshape(a.shape[0], -1)), axis=1)
-                        for a in jax.tree.leaves(tree)))
-
-
-def _cosines(deltas) -> jax.Array:
-    """[S, S] cosine similarities of the cohort's updates."""
-    flat = [a.reshape(a.shape[0], -1) for a in jax.tree.leaves(deltas)]
-    gram = sum(jnp.matmul(f, f.T, precision=_HIGHEST) for f in flat)
-    norms = _row_norms(deltas)
-    return gram / (norms[:, None] * norms[None, :] + 1e-12)
-
-
-def _cluster_means(deltas, cluster, weights, num: int):
-    """[K, ...] the p-weighted mean update of each cluster's members (0 if none)."""
-    one_hot = jax.nn.one_hot(cluster, num, dtype=jnp.float32) * weights[:, None]
-    total = jnp.sum(one_hot, axis=0)
-    return jax.tree.map(lambda d: aggregation.safe_div(
-        jnp.tensordot(one_hot, d, axes=(0, 0), precision=_HIGHEST),
-        total.reshape((-1,) + (1,) * (d.ndim - 1))), deltas)
-
-
-def cfl(
-    model: Model,
-    *,
-    max_clusters: int = 4,
-    clients_per_round: int | None = None,
-    batch_size: int = 32,
-    local_steps: int | None = None,
-    local_epochs: int | None = None,
-    client_optimizer: local.OptimizerSpec = "sgd",
-    client_lr: float = 0.05,
-    server_optimizer: local.OptimizerSpec = "sgd",
-    server_lr: float = 1.0,
-    eps1: float = 0.4,
-    eps2: float = 1.6,
-    warmup_rounds: int = 20,
-    min_split_size: int = 2,
-    linkage: str = "complete",
-    weighting: str = "num_examples",
-    execution: str | ex.Execution = "vmap",
-) -> FederatedAlgorithm:
-    """CFL (FedAvg per cluster, clusters split by the cosines of their clients' updates).
-
-    Args:
-      model: the model.
+    Attributes:
       max_clusters: K, the static number of cluster slots (>= 1; 1: FedAvg).
-      clients_per_round: S, sampled without replacement each round (None: all).
-      batch_size, local_steps, local_epochs: local schedule (default 1 epoch).
-      client_optimizer, client_lr: the client optimizer and its lr (traced).
-      server_optimizer, server_lr: server optimizer on each cluster's pseudo-gradient.
       eps1, eps2: split when the mean update's norm < eps1 and the largest
         client update's norm > eps2 (traced; eps1 = 0 never splits).
       warmup_rounds: no split before this round (traced).
       min_split_size: the fewest cohort members with data a splitting cluster needs.
       linkage: "complete" (released code) or "single" (the paper's optimal bipartition).
       weighting: "num_examples" (paper) or "uniform" (released code) cluster means.
-      execution: client-axis strategy.
     """
-    is_int = lambda v, low: isinstance(v, int) and not isinstance(v, bool) and v >= low
-    algorithm.check_arg("max_clusters", max_clusters, is_int(max_clusters, 1), "an int >= 1")
-    algorithm.check_cohort_size(clients_per_round)
-    algorithm.check_number("client_lr", client_lr)
-    algorithm.check_number("server_lr", server_lr)
-    algorithm.check_number("eps1", eps1)
-    algorithm.check_number("eps2", eps2)
-    algorithm.check_arg("warmup_rounds", warmup_rounds, is_int(warmup_rounds, 0), "an int >= 0")
-    algorithm.check_arg("min_split_size", min_split_size, is_int(min_split_size, 2),
-                        "an int >= 2")
-    algorithm.check_arg("linkage", linkage, linkage in LINKAGES, f"one of {LINKAGES}")
-    algorithm.check_arg("weighting", weighting, weighting in WEIGHTINGS, f"one of {WEIGHTINGS}")
-    local.check_optimizer("server_optimizer", server_optimizer)
-    schedule = local.LocalSchedule(batch_size, local_steps, local_epochs, client_optimizer)
-    execution = ex.as_execution(execution)
-    loss_fn = local.model_loss_fn(model)
-    num = max_clusters
 
-    def init_fn(key, train, params=None):
-        algorithm.check_data(model, train, clients_per_round)
-        params = algorithm.initial_params(model, key, params, num_models=num)
-        hp = algorithm.hparams(client_lr=client_lr, server_lr=server_lr, eps1=eps1, eps2=eps2,
-                               warmup_rounds=warmup_rounds)
-        opt_state = local.make_optimizer(server_optimizer, hp["server_lr"]).init(params)
-        return CFLState(jnp.zeros((), jnp.int32), params, opt_state,
-                        jnp.zeros((train.num_clients,), jnp.int32), jnp.ones((), jnp.int32), hp)
+    max_clusters: int = config.integer(4)
+    eps1: float = config.number(0.4)
+    eps2: float = config.number(1.6)
+    warmup_rounds: int = config.field(20, check=config.integer(20, minimum=0).metadata["check"],
+                                      traced=True)
+    min_split_size: int = config.integer(2, minimum=2)
+    linkage: str = config.choice("complete", LINKAGES)
+    weighting: str = config.weighting()
+    init = "shared"  # the slots start as copies of one model (not a field)
+
+    @property
+    def num_models(self) -> int:
+        return self.max_clusters
+
+
+@config.factory(CFLConfig)
+def cfl(model: Model, cfg: CFLConfig) -> FederatedAlgorithm:
+    """CFL (FedAvg per cluster, clusters split by the cosines of their clients' updates)."""
+    loss_fn, num = local.model_loss_fn(model), cfg.max_clusters
+
+    def init(key, train, params=None):
+        return kmodels.init_state(CFLState, model, cfg, key, train, params,
+                                  assignment=jnp.zeros((train.num_clients,), jnp.int32),
+                                  num_clusters=jnp.ones((), jnp.int32))
 
     def client_update(broadcast, x):
         params, hp = broadcast
         data, key, c = x
         start = jax.tree.map(lambda a: a[c], params)
-        result = schedule.train(loss_fn, start, data, key, hp["client_lr"])
+        result = cfg.schedule.train(loss_fn, start, data, key, hp["client_lr"])
         return result.mean_loss(), jax.tree.map(jnp.subtract, result.params, start)
 
     def round_fn(state, train, key, cohort=None):
-        cohort, data, keys, n = round_lib.start(key, train, clients_per_round, cohort,
+        cohort, data, keys, n = round_lib.start(key, train, cfg.clients_per_round, cohort,
                                                 state_clients=state.assignment.shape[0])
         hp, cluster = state.hparams, cohort.take(state.assignment)
         losses, deltas = ex.map_clients(client_update, (state.params, hp), (data, keys, cluster),
-                                        execution)
-        weights = n if weighting == "num_examples" else (n > 0).astype(jnp.float32)
-        member = weights > 0
-        in_cluster = jax.nn.one_hot(cluster, num, dtype=jnp.float32) * member[:, None]  # [S, K]
-        mean_norm = _row_norms(_cluster_means(deltas, cluster, weights, num))
-        max_norm = jnp.max(in_cluster * _row_norms(deltas)[:, None], axis=0)
-        wants = ((mean_norm < hp["eps1"]) & (max_norm > hp["eps2"])
-                 & (jnp.sum(in_cluster, axis=0) >= min_split_size)
-                 & (state.round >= hp["warmup_rounds"]))
-        slot = state.num_clusters + jnp.cumsum(wants.astype(jnp.int32)) - 1
-        split = wants & (slot < num)
-        moves = jax.lax.cond(
-            jnp.any(split),
-            lambda: bipartition(_cosines(deltas), cluster, member & split[cluster], linkage),
-            lambda: jnp.zeros_like(member))
-        cluster = jnp.where(moves, slot[cluster], cluster)
-        source = jnp.arange(num).at[jnp.where(split, slot, num)].set(jnp.arange(num),
-                                                                      mode="drop")
-        copy = lambda tree: jax.tree.map(
-            lambda a: a[source] if a.ndim and a.shape[0] == num else a, tree)
-        server_opt = local.make_optimizer(server_optimizer, hp["server_lr"])
-        params, opt_state = aggregation.server_update(
-            server_opt, copy(state.params), copy(state.opt_state),
-            _cluster_means(deltas, cluster, weights, num))
-        num_clusters = state.num_clusters + jnp.sum(split, dtype=jnp.int32)
+                                        cfg.strategy)
+        weights = cfg.weights(n)
+        stalled = lambda mean_norm, max_norm: ((mean_norm < hp["eps1"]) & (max_norm > hp["eps2"])
+                                               & (state.round >= hp["warmup_rounds"]))
+        cluster, copy, splits = clustering.split(deltas, cluster, weights, stalled=stalled,
+                                      num_clusters=state.num_clusters,
+                                      min_split_size=cfg.min_split_size, linkage=cfg.linkage,
+                                      num=num)
+        mean_delta = clustering.cluster_means(deltas, cluster, weights, num)
+        params, opt_state = kmodels.server_step(cfg, state, mean_delta, copy(state.params),
+                                                copy(state.opt_state))
+        num_clusters = state.num_clusters + splits
         metrics = {"train_loss": round_lib.mean_loss(losses, n),
                    "num_clusters": num_clusters.astype(jnp.float32)}
         return state.replace(round=state.round + 1, params=params, opt_state=opt_state,
@@ -235,13 +137,13 @@ def cfl(
 
     def evaluate(state, train, test):
         del train
-        algorithm.check_same_clients(state.assignment.shape[0], test, "test")
+        check_same_clients(state.assignment.shape[0], test, "test")
 
         def client_eval(params, x):
             row, c = x
             stats = local.evaluate_client(model, jax.tree.map(lambda a: a[c], params), row)
             return {**stats, "model": c.astype(jnp.float32)}
 
-        return ex.map_clients(client_eval, state.params, (test, state.assignment), execution)
+        return ex.map_clients(client_eval, state.params, (test, state.assignment), cfg.strategy)
 
-    return FederatedAlgorithm(init_fn, round_fn, evaluate)
+    return FederatedAlgorithm(init, round_fn, evaluate)
