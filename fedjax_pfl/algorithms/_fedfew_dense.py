@@ -16,10 +16,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from fedjax_pfl.algorithms.fedfew import client_trainer, stch_weights
 from fedjax_pfl.core import aggregation, local
 from fedjax_pfl.core import execution as ex
 from fedjax_pfl.core import round as round_lib
+from fedjax_pfl.core.kmodels import client_trainer, stch_weights
 from fedjax_pfl.models.model import Model
 
 

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from fedjax_pfl.core import aggregation, algorithm, config, local
+from fedjax_pfl.core import aggregation, algorithm, config, local, reductions
 from fedjax_pfl.core import execution as ex
 from fedjax_pfl.core import round as round_lib
 from fedjax_pfl.models.model import Model
@@ -203,3 +203,66 @@ def client_trainer(model: Model, num_models: int, schedule: local.LocalSchedule,
         return result.params, losses
 
     return train
+
+
+def stch_round(cfg, train_all):
+    """FedFew's streamed round: theta_k <- theta_k + sum_i alpha_i w_ik (theta_ik - theta_k)
+    through `map_reduce` with `reductions.LOG_WEIGHTED_SUM` (O(K d) memory), the clients
+    training with `train_all` (`client_trainer`).
+
+    Returns `round(state, train, key, cohort=None, state_clients=None) -> (state,
+    metrics, (cohort, data, losses [S, K]))`.
+    """
+
+    def client_update(broadcast, x):
+        params, hp, total_n = broadcast
+        data, key = x
+        trained, losses = train_all(params, data, key, hp["client_lr"])
+        n = data.num_examples.astype(jnp.float32)
+        w, log_weight = client_weights(losses, n / jnp.maximum(total_n, 1.0), hp["mu"])
+        # alpha_i w_ik (theta_ik - theta_k) = softmax_i(a_i) * [w_ik (theta_ik - theta_k)]
+        weighted = jax.tree.map(lambda t, p: w.reshape((-1,) + (1,) * (t.ndim - 1)) * (t - p),
+                                trained, params)
+        term = reductions.log_weighted_term(jnp.where(n > 0, log_weight, -jnp.inf), weighted)
+        return losses, term
+
+    def round_fn(state, train, key, cohort=None, state_clients=None):
+        cohort, data, keys, n = round_lib.start(key, train, cfg.clients_per_round, cohort,
+                                                state_clients=state_clients)
+        broadcast = (state.params, state.hparams, jnp.sum(n))
+        losses, total = ex.map_reduce(client_update, broadcast, (data, keys), cfg.strategy,
+                                      reductions.LOG_WEIGHTED_SUM)
+        params, opt_state = server_step(cfg, state, reductions.log_weighted_mean(total))
+        metrics = {"train_loss": round_lib.mean_loss(jnp.min(losses, axis=1), n)}
+        state = state.replace(round=state.round + 1, params=params, opt_state=opt_state)
+        return state, metrics, (cohort, data, losses)
+
+    return round_fn
+
+
+def evaluate_trained(model: Model, train_all, local_protocol: bool):
+    """FedFew's `evaluate_client((params, last_params, hp, trained_round), (train_row,
+    test_row, key, in_cohort))`: `evaluate_best` among the K current models, or, under
+    the "local" protocol, the copies the client trained last round (re-trained from
+    `last_params` with `train_all` and the round's client `key`), the received models
+    if it was not in that cohort, the current models before any round."""
+
+    def evaluate_client(broadcast, x):
+        params, last_params, hp, trained_round = broadcast
+        train_row, test_row, key, in_cohort = x
+        if local_protocol:
+            trained, _ = train_all(last_params, train_row, key, hp["client_lr"])
+            received = jax.tree.map(lambda a, b: jnp.where(trained_round, a, b), last_params,
+                                    params)
+            params = jax.tree.map(lambda t, p: jnp.where(trained_round & in_cohort, t, p),
+                                  trained, received)
+        return evaluate_best(model, params, train_row, test_row)
+
+    return evaluate_client
+
+
+def key_data(key) -> jax.Array:
+    """uint32 key data of a typed or raw PRNG key (to keep in a state)."""
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return jax.random.key_data(key)
+    return key.astype(jnp.uint32)
