@@ -1,7 +1,7 @@
 """FedFew's round as it was before streaming (private: not a registered algorithm).
 
-It reuses FedFew's own client trainer, so it is an equivalence check of the
-streamed reduction, not an independent reference (those live in
+It reuses FedFew's own client trainer (`core.kmodels.client_trainer`), so it is an
+equivalence check of the streamed reduction, not an independent reference (those live in
 `fedjax_pfl.testing`, e.g. `naive_kmodels`).
 
 Every cohort client's K deltas are returned per client ([S, K, ...], O(S K d)
