@@ -2,8 +2,10 @@
 
 Two modes, both in ONE process, writing JSON under benchmarks/results/:
 
-* comparison (default): Local, FedAvg, FedAvg-FT, IFCA (K=3), Ditto, APFL and
-  FedFew (K=3; `server` and `local` evaluation protocols from the same run),
+* comparison (default): Local, FedAvg, FedAvg-FT, IFCA, HypCluster, FedEM (K=3
+  each), CFL (at most 3 clusters, the paper's eps1 = 0.4, eps2 = 1.6 and 20
+  warm-up rounds), Ditto, APFL and FedFew (K=3; `server` and `local`
+  evaluation protocols from the same run),
   3 seeds, on two settings that need no network:
   (i)  "latent clusters": the 5,000-image MNIST subset split IID over 100
        clients in 3 hidden groups; group g relabels y -> perm_g(y) with its own
@@ -52,7 +54,8 @@ SETTINGS = {  # rounds, eval_every, local schedule, lr, hidden units
     "label_skew": dict(clients=20, rounds=50, eval_every=5, batch_size=32, local_epochs=1,
                        lr=0.05, hidden=(64,)),
 }
-METHODS = ("local", "fedavg", "fedavg_ft", "ifca", "ditto", "apfl", "fedfew")
+METHODS = ("local", "fedavg", "fedavg_ft", "ifca", "hypcluster", "fedem", "cfl", "ditto", "apfl",
+           "fedfew")
 EXTRA_METHODS = ("fedfew_mu1e-3",)  # on request (--methods): FedFew with a colder mu
 
 
@@ -101,6 +104,9 @@ def make_algorithms(model, cfg) -> dict:
         "fedavg_ft": A.fedavg_ft(model, ft_epochs=1, ft_batch_size=cfg["batch_size"],
                                  ft_lr=cfg["lr"], **sched),
         "ifca": A.ifca(model, num_models=3, **sched),
+        "hypcluster": A.hypcluster(model, num_models=3, **sched),
+        "fedem": A.fedem(model, num_models=3, **sched),
+        "cfl": A.cfl(model, max_clusters=3, **sched),
         "ditto": A.ditto(model, lam=0.1, **sched),
         "apfl": A.apfl(model, alpha=0.5, **sched),
     }

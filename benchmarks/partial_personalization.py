@@ -1,10 +1,14 @@
-"""Partial personalization benchmark: FedAvg, FedProx, FedAlt, FedSim, FedRep, FedPer, FedAPM.
+"""Partial personalization benchmark: FedAvg, FedProx, FedAlt, FedSim, FedRep, FedPer, FedAPM,
+LG-FedAvg, FedBABU, FedRoD.
 
 Two settings, 20 clients, 30% (6) per round:
 * `mnist`: the 5000-example MNIST subset, Dirichlet(0.5) label skew, 75/25 per-client split,
   MLP 784-64-10, personal block = `head` (every partial method);
 * `multimodal`: `data.multimodal_synthetic(20)` with `models.two_encoder`; personal block =
-  the two encoders for FedAlt / FedSim / FedAPM, the head for FedRep / FedPer (their definition).
+  the two encoders for FedAlt / FedSim / FedAPM, the head for FedRep / FedPer (their definition);
+  LG-FedAvg federates the head (its local representation stays personal), FedBABU federates the
+  body under a frozen head and fine-tunes one epoch at evaluation, FedRoD keeps a personal head
+  next to the shared generic one (their definitions, on both datasets).
 
 Each algorithm runs 3 seeds vmapped in one compile. Reported: max over evaluations (every
 `--eval-every` rounds) of the unweighted client-mean accuracy, class-weighted F1 and macro
@@ -39,7 +43,8 @@ import fedjax_pfl as fp  # noqa: E402
 from fedjax_pfl import metrics  # noqa: E402
 from fedjax_pfl.simulate import run_rounds  # noqa: E402
 
-ORDER = ("fedavg", "fedprox", "fedalt", "fedsim", "fedrep", "fedper", "fedapm")
+ORDER = ("fedavg", "fedprox", "fedalt", "fedsim", "fedrep", "fedper", "fedapm", "lg_fedavg",
+         "fedbabu", "fedrod")
 
 
 def load(name):
@@ -65,6 +70,10 @@ def configs(personal, args):
         "fedper": {**common, **lr},
         # α_i = 1/M scales the data step by 1/20: lr·20 gives the same data step as the others.
         "fedapm": {**common, "client_lr": args.lr * 20, "personal": personal},
+        "lg_fedavg": {**common, **lr},
+        "fedbabu": {**common, **lr, "ft_epochs": 1, "ft_batch_size": args.batch_size,
+                    "ft_lr": args.lr},
+        "fedrod": {**common, **lr},
     }
 
 
@@ -247,6 +256,7 @@ def main():
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--datasets", default="mnist,multimodal")
+    p.add_argument("--methods", default=",".join(ORDER), help="comma-separated subset of ORDER")
     p.add_argument("--sizes", default="20,1000,10000")
     p.add_argument("--timing-rounds", type=int, default=5)
     p.add_argument("--out", default="benchmarks/results/partial_personalization.json")
@@ -276,7 +286,10 @@ def main():
     for dataset in [d for d in args.datasets.split(",") if d]:
         train, test, model, personal = load(dataset)
         table = {}
+        chosen = [m for m in args.methods.split(",") if m]
         for name, config in configs(personal, args).items():
+            if name not in chosen:
+                continue
             table.update(run(name, config, model, train, test, args))
             print(dataset, name, {k: v for k, v in table[name].items()
                                   if k not in ("curve_acc", "config")}, flush=True)

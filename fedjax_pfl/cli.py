@@ -218,15 +218,9 @@ def _check_options(cfg: dict) -> None:
 
 
 def accepted_kwargs(factory) -> set[str]:
-    """Keyword arguments `factory(model, **kw)` accepts (**kwargs forward to fedavg)."""
-    from fedjax_pfl.algorithms import fedavg
-
-    params = inspect.signature(factory).parameters
-    names = {n for n, p in params.items()
-             if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)} - {"model"}
-    if any(p.kind is p.VAR_KEYWORD for p in params.values()) and factory is not fedavg:
-        names |= accepted_kwargs(fedavg)
-    return names
+    """Keyword arguments `factory(model, **kw)` accepts: its config's fields and their old
+    spellings (`core.config.factory`)."""
+    return set(factory.keywords) | set(factory.aliases)
 
 
 def _dataset_kwargs(cfg: dict) -> dict:

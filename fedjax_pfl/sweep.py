@@ -7,9 +7,10 @@ factories (client_lr, mu, local_epochs, ...). The rules:
 
 * Algorithm keywords (swept in `grid` or fixed in `algorithm_kwargs`) go to the
   algorithms of the sweep that accept them (`cli.accepted_kwargs`); points of
-  the other algorithms are not multiplied by a swept keyword. A keyword that a
-  wrapper of fedavg declares itself (fedprox's `mu`) is not passed to fedavg,
-  which it would turn into that wrapper. A keyword no algorithm takes is an error.
+  the other algorithms are not multiplied by a swept keyword. A keyword that is
+  off (None) by default in an algorithm and on in a variant of it (a config
+  subclass: fedprox's `mu` against fedavg's) is not passed to the former, which
+  it would turn into the variant. A keyword no algorithm takes is an error.
 * `seed` is the run seed (init and round keys). The data split uses `data_seed`
   (a run option, default 0), so points that differ only in `seed` share data.
 * Points that differ only in `seed` and in numeric keywords the algorithm keeps
@@ -28,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import inspect
 import itertools
 import json
 import os
@@ -85,11 +85,12 @@ def _targets(key: str, algorithms: list[str]) -> set[str]:
     if not takers:
         raise ValueError(f"{key}: expected a run option or a keyword of {algorithms}, got a key "
                          f"none of them accepts.")
-    for a in takers:
-        params = inspect.signature(fp.ALGORITHMS[a]).parameters
-        if key in params and any(p.kind is p.VAR_KEYWORD for p in params.values()):
-            return {t for t in takers if fp.ALGORITHMS[t] is not fp.algorithms.fedavg}
-    return takers
+    field = lambda a: fp.ALGORITHMS[a].config.__dataclass_fields__.get(key)
+    variant = lambda b, a: (b != a and issubclass(fp.ALGORITHMS[b].config, fp.ALGORITHMS[a].config)
+                            and field(b) is not None and field(b).default is not None)
+    return {a for a in takers
+            if field(a) is None or field(a).default is not None
+            or not any(variant(b, a) for b in takers)}
 
 
 def expand_grid(grid: dict, base: dict | None = None,

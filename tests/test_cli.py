@@ -1,6 +1,7 @@
 """Tests of the `fedjax-pfl` command line (run, list, demo and its error messages)."""
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -103,12 +104,15 @@ def test_parse_value(text, value):
     assert cli.parse_value(text) == value
 
 
-def test_accepted_kwargs_follow_fedavg_for_var_keyword_factories():
+def test_accepted_kwargs_are_the_config_fields():
     fedavg = cli.accepted_kwargs(fp.ALGORITHMS["fedavg"])
+    assert fedavg == {f.name for f in dataclasses.fields(fp.ALGORITHMS["fedavg"].config)}
     assert {"client_lr", "local_epochs", "mu"} <= fedavg
     assert fedavg <= cli.accepted_kwargs(fp.ALGORITHMS["fedavg_ft"])
     assert "ft_lr" in cli.accepted_kwargs(fp.ALGORITHMS["fedavg_ft"])
     assert "mu" not in cli.accepted_kwargs(fp.ALGORITHMS["local"])
+    assert "nu" not in cli.accepted_kwargs(fp.ALGORITHMS["per_fedavg"])  # fixed to 1
+    assert "head" in cli.accepted_kwargs(fp.ALGORITHMS["fedrep"])  # the old spelling
 
 
 @pytest.mark.parametrize("algorithm,options", [

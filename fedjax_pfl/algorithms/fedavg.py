@@ -33,6 +33,7 @@ from fedjax_pfl.core import round as round_lib
 from fedjax_pfl.core.algorithm import FederatedAlgorithm
 from fedjax_pfl.models.model import Model
 
+
 @struct.dataclass
 class FedAvgState:
     """State of FedAvg / FedProx / FedAvg-FT.

@@ -14,7 +14,8 @@ An algorithm is written as `build(model, cfg)` and published with `factory`:
     def fedavg(model, cfg): ...
 
     fedavg(model, client_lr=0.1)         # keyword arguments, checked
-    fedavg.config                        # FedAvgConfig (the CLI reads its fields)
+    fedavg.config                        # FedAvgConfig
+    fedavg.keywords                      # the fields it accepts (the CLI and sweeps read it)
     fedavg.build(model, FedAvgConfig())  # the same, from a config object
 """
 
@@ -24,14 +25,14 @@ import dataclasses
 import functools
 import inspect
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax.numpy as jnp
 
 from fedjax_pfl import validation
-from fedjax_pfl.core import algorithm
+from fedjax_pfl.core import algorithm, local
 from fedjax_pfl.core import execution as ex
-from fedjax_pfl.core import local
 
 WEIGHTINGS = ("num_examples", "uniform")
 
@@ -223,13 +224,14 @@ def factory(config_cls: type[Config], *, fixed: dict | None = None,
 
         functools.update_wrapper(make, build)
         del make.__wrapped__
-        hints = {f.name: f.type for f in dataclasses.fields(config_cls)}
+        fields = {f.name: f for f in dataclasses.fields(config_cls)}
         make.__signature__ = inspect.Signature(
             [inspect.Parameter("model", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
             + [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY,
-                                 default=defaults.get(n, config_cls.__dataclass_fields__[n].default),
-                                 annotation=hints[n]) for n in names])
+                                 default=defaults.get(n, fields[n].default),
+                                 annotation=fields[n].type) for n in names])
         make.config, make.build, make.aliases = config_cls, build, aliases
+        make.keywords = tuple(names)
         return make
 
     return wrap
