@@ -9,7 +9,10 @@ Two batching modes, both with shapes fixed by (N, B, T):
   ceil(n_i / B) are empty and their steps are masked (no-ops, optimizer state
   included), and a partial last batch is averaged over its valid rows.
 
-A client with 0 examples is a no-op in both modes.
+A client with 0 examples is a no-op in both modes. `scan_plan` is the one
+local loop (plan in, masked steps); algorithms whose step is not a plain
+optimizer step on the loss (APFL, pFedMe, meta-FL) pass their own step to it,
+or to `local_train` / `LocalSchedule.run` (`step_fn`).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ class LocalResult(NamedTuple):
     """Outcome of `local_train` for one client.
 
     Attributes:
-      params: the trained params.
+      params: the trained params (with a custom step: the final carry).
       losses: [T] mean data loss of each step's minibatch (0 on empty steps).
       counts: [T] number of valid examples in each step's minibatch.
     """
@@ -206,20 +209,33 @@ def scan_plan(step_fn: Callable, carry, data: ClientData, idx, weights, xs=None)
     return LocalResult(carry, losses, counts)
 
 
-def optimizer_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
-                   penalty: Callable | None = None) -> Callable:
-    """The step of `local_train`: one `optimizer` step on the carry (params, opt_state)."""
-    def objective(p, batch, w, k):
-        data_loss = jnp.sum(w * loss_fn(p, batch, k))
-        return data_loss + (penalty(p) if penalty is not None else 0.0), data_loss
+def optimizer_step(optimizer: optax.GradientTransformation, value_and_grad: Callable) -> Callable:
+    """A step that moves the carry (params, opt_state) by one `optimizer` step.
 
-    def step(carry, batch, w, k):
+    `value_and_grad(params, batch, weights, x) -> (data_loss, grads)` gives
+    the step's direction (the gradient of the local objective, or e.g. a
+    meta-gradient).
+    """
+    def step(carry, batch, w, x):
         p, opt_state = carry
-        (_, data_loss), grads = jax.value_and_grad(objective, has_aux=True)(p, batch, w, k)
+        data_loss, grads = value_and_grad(p, batch, w, x)
         updates, new_opt_state = optimizer.update(grads, opt_state, p)
         return (optax.apply_updates(p, updates), new_opt_state), data_loss
 
     return step
+
+
+def loss_grad(loss_fn: Callable, penalty: Callable | None = None) -> Callable:
+    """`value_and_grad` of `optimizer_step` for the weighted minibatch loss (+ `penalty`)."""
+    def objective(p, batch, w, k):
+        data_loss = jnp.sum(w * loss_fn(p, batch, k))
+        return data_loss + (penalty(p) if penalty is not None else 0.0), data_loss
+
+    def value_and_grad(p, batch, w, k):
+        (_, data_loss), grads = jax.value_and_grad(objective, has_aux=True)(p, batch, w, k)
+        return data_loss, grads
+
+    return value_and_grad
 
 
 def local_train(
@@ -249,8 +265,8 @@ def local_train(
       penalty: optional `penalty(params) -> scalar` added to each step's
         objective (e.g. a proximal term); not included in `losses`.
       step_fn: a custom step `step_fn(carry, batch, weights, key) -> (carry,
-        data_loss)` (see `scan_plan`) instead of `optimizer_step(loss_fn,
-        optimizer, penalty)`.
+        data_loss)` (see `scan_plan`) instead of `optimizer_step(optimizer,
+        loss_grad(loss_fn, penalty))`.
 
     Returns:
       `LocalResult(params, losses [T], counts [T])` (with `step_fn`: the
@@ -263,7 +279,7 @@ def local_train(
     keys = jax.random.split(step_key, idx.shape[0])
     if step_fn is not None:
         return scan_plan(step_fn, params, data, idx, weights, keys)
-    result = scan_plan(optimizer_step(loss_fn, optimizer, penalty),
+    result = scan_plan(optimizer_step(optimizer, loss_grad(loss_fn, penalty)),
                        (params, optimizer.init(params)), data, idx, weights, keys)
     return result._replace(params=result.params[0])
 
