@@ -11,13 +11,10 @@ The global model w minimises (1/n) sum_i f_i(w_i^(nu)(w)) with w^(0) = w and
 w^(j+1) = w^(j) - alpha grad f_i(w^(j)): every client's loss after nu SGD
 fine-tuning steps (nu = 0 is FedAvg). Each of the tau local steps runs nu inner
 steps on independent batches D_j, takes the outer gradient on D' and moves
-u <- u - beta g with g, by `mode`:
-  "exact": prod_j (I - alpha H(w^(j); D''_j)) grad f(w^(nu); D'), by autodiff
-      through a `lax.scan` of the nu steps;
-  "fo": grad f(w^(nu); D') (the Hessian factors dropped);
-  "hf": the factors applied backward through the stored iterates by central
-      differences [grad f(w_j + delta v) - grad f(w_j - delta v)] / (2 delta)
-      of the back-propagated vector v (Per-FedAvg (HF) at nu = 1).
+u <- u - beta g with g, by `mode` (`core.metagrad`): "exact" (prod_j (I - alpha
+H(w^(j); D''_j)) grad f(w^(nu); D') by autodiff through the nu steps), "fo" (the
+Hessian factors dropped) or "hf" (the factors applied backward through the
+stored iterates by central differences of gradients; Per-FedAvg (HF) at nu = 1).
 
 Paper symbol -> argument: nu -> `nu`, alpha -> `inner_lr`, beta -> `client_lr`
 (alias `outer_lr`), tau -> `local_steps`, D -> `inner_batch_size`, D' ->
@@ -26,12 +23,10 @@ Paper symbol -> argument: nu -> `nu`, alpha -> `inner_lr`, beta -> `client_lr`
 is the inner batch (`hessian_batches="shared"`, MAML-style). The server takes
 the unweighted mean over the cohort (Per-FedAvg; "weighted": n_i-weighted).
 Epoch mode (`local_epochs`) draws D' by epochs and D, D'' uniformly. The
-evaluation fine-tunes nu' = 0..`eval_max_steps` SGD steps (`core.finetune`);
-the scalar statistics are those after `eval_steps` (nu). Its step size is
-alpha by default: the step the objective trains for (both objectives are the
-loss after nu SGD steps of step alpha). `eval_lr` sets a separate step size for
-the evaluation only (traced); it is an option of this package, not of either
-paper, e.g. to tune the deployment step after training as for FedAvg-FT.
+evaluation fine-tunes nu' = 0..`eval_max_steps` SGD steps (`core.finetune`) and
+reports the statistics after `eval_steps` (nu), with step alpha by default (the
+step both objectives train for); `eval_lr` (traced) sets a separate step, an
+option of this package, not of either paper (e.g. tuned after training).
 The full text of 2504.21327 was not available: the nu > 1 rules above are the
 generalisation of Per-FedAvg forced by the objective (a reconstruction; no
 released code). Defaults alpha = 0.01, beta = 0.001, tau = 10 are Per-FedAvg's.
@@ -50,11 +45,8 @@ from fedjax_pfl.core import algorithm, config, finetune, local
 from fedjax_pfl.core import execution as ex
 from fedjax_pfl.core import round as round_lib
 from fedjax_pfl.core.algorithm import FederatedAlgorithm
-from fedjax_pfl.core.metagrad import MODES, meta_train
+from fedjax_pfl.core.metagrad import MODES, meta_gradient, meta_train  # noqa: F401 (re-export)
 from fedjax_pfl.models.model import Model
-
-HESSIAN_BATCHES = ("independent", "shared")
-AGGREGATIONS = ("mean", "weighted")
 
 
 @struct.dataclass
@@ -70,28 +62,18 @@ class MetaFLState:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MetaFLConfig(config.Config):
-    """Meta-FL's hyperparameters (`config.Config`'s, and; symbols: module docstring):
+    """Meta-FL's hyperparameters (`config.Config`'s, and; symbols: module docstring).
 
-    Attributes:
-      nu: inner fine-tuning steps (static, >= 0; the scan length).
-      mode: "exact", "fo" or "hf" meta-gradient.
-      inner_batch_size, hessian_batch_size: D (default D' = `batch_size`), D''
-        (default D').
-      local_steps: tau (default 10), or `local_epochs` over D'.
-      inner_lr: alpha, also the evaluation's fine-tuning step unless `eval_lr`
-        is given (traced).
-      client_lr: beta, the local (outer) step size (traced, default 0.001);
-        `outer_lr` is the same argument under the paper's name (wins if set).
-      client_optimizer: optimizer applied to the meta-gradient (default SGD).
-      hessian_batches: "independent" (Per-FedAvg's D'') or "shared" (MAML).
-      delta: finite-difference step of "hf" (traced).
-      aggregation: "mean" over the cohort (Per-FedAvg) or n_i-"weighted".
-      remat: rematerialize inner steps in "exact" mode (memory O(nu |w|)).
-      eval_lr: the evaluation's fine-tuning step size (traced; None: alpha).
-      eval_steps, eval_max_steps: nu' of the scalar test statistics (default
-        nu) and the curve's nu_max (default max(5, eval_steps)).
-      eval_batch_size, eval_full_batch, eval_seed: fine-tuning batches of the
-        evaluation (default D; full local gradient; seed).
+    Static: nu (>= 0, the scan length), mode ("exact", "fo", "hf"), the batch
+    sizes (inner D and Hessian D'' default to D' = `batch_size`; the
+    evaluation's to D), hessian_batches ("independent", Per-FedAvg's D'', or
+    "shared", MAML), aggregation ("mean" over the cohort, Per-FedAvg, or
+    n_i-"weighted"), remat (rematerialize the inner steps of "exact": memory
+    O(nu |w|)), eval_steps (nu' of the scalar statistics, default nu),
+    eval_max_steps (the curve's nu_max, default max(5, eval_steps)),
+    eval_full_batch, eval_seed. Traced: inner_lr (alpha), client_lr (beta;
+    `outer_lr`, the paper's name, wins if set), delta, eval_lr (None: alpha).
+    `client_optimizer` is applied to the meta-gradient (default SGD).
     """
 
     nu: int = config.integer(1, minimum=0)
@@ -102,9 +84,9 @@ class MetaFLConfig(config.Config):
     inner_lr: float = config.number(0.01)
     client_lr: float = config.number(0.001)
     outer_lr: float | None = config.number(None, optional=True, traced=False)
-    hessian_batches: str = config.choice("independent", HESSIAN_BATCHES)
+    hessian_batches: str = config.choice("independent", ("independent", "shared"))
     delta: float = config.number(1e-3, strict=True)
-    aggregation: str = config.choice("mean", AGGREGATIONS)
+    aggregation: str = config.choice("mean", ("mean", "weighted"))
     remat: bool = config.flag(False)
     eval_lr: float | None = config.number(None, optional=True)
     eval_steps: int | None = None
@@ -122,22 +104,23 @@ class MetaFLConfig(config.Config):
         return hp if self.outer_lr is None else {
             **hp, "client_lr": jnp.asarray(self.outer_lr, jnp.float32)}
 
-    inner_b = property(lambda self: self.batch_size if self.inner_batch_size is None
-                       else self.inner_batch_size)
-    hessian_b = property(lambda self: self.batch_size if self.hessian_batch_size is None
-                         else self.hessian_batch_size)
-    eval_report = property(lambda self: self.nu if self.eval_steps is None else self.eval_steps)
-    eval_max = property(lambda self: max(5, self.eval_report) if self.eval_max_steps is None
-                        else self.eval_max_steps)
-    eval_b = property(lambda self: self.inner_b if self.eval_batch_size is None
-                      else self.eval_batch_size)
+    # The resolved defaults (None: see the docstring).
+    inner_b = property(lambda c: _or(c.inner_batch_size, c.batch_size))
+    hessian_b = property(lambda c: _or(c.hessian_batch_size, c.batch_size))
+    eval_report = property(lambda c: _or(c.eval_steps, c.nu))
+    eval_max = property(lambda c: c.eval_max_steps if c.eval_max_steps is not None
+                        else max(5, c.eval_report))
+    eval_b = property(lambda c: _or(c.eval_batch_size, c.inner_b))
+
+
+def _or(value, default):
+    return default if value is None else value
 
 
 @config.factory(MetaFLConfig)
 def meta_fl(model: Model, cfg: MetaFLConfig) -> FederatedAlgorithm:
     """nu-step meta-FL; hyperparameters: `MetaFLConfig`."""
     loss_fn = local.model_loss_fn(model)
-    objective = lambda p, b: jnp.sum(b["w"] * loss_fn(p, b["examples"], None))
 
     def init(key, train, params=None):
         algorithm.check_data(model, train, cfg.clients_per_round)
@@ -147,7 +130,7 @@ def meta_fl(model: Model, cfg: MetaFLConfig) -> FederatedAlgorithm:
     def client_update(broadcast, x):
         params, hp = broadcast
         data, key, weight = x
-        result = meta_train(objective, params, data, key, hp, cfg)
+        result = meta_train(loss_fn, params, data, key, hp, cfg)
         return result.mean_loss(), agg.weighted_delta(result.params, params, weight)
 
     def round_fn(state, train, key, cohort=None):

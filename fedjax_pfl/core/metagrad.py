@@ -102,12 +102,11 @@ def meta_batches(key, num_examples, max_examples: int, *, nu: int, batch_size: i
     return idx, weights, inner, inner if shared_hessian else draw(1, hessian_batch_size)
 
 
-def meta_train(loss, params, data, key, hp, cfg) -> local.LocalResult:
+def meta_train(loss_fn, params, data, key, hp, cfg) -> local.LocalResult:
     """ONE client's tau local steps u <- u - beta g along the meta-gradient g.
 
     Args:
-      loss: `loss(params, batch) -> scalar` of a weighted batch
-        {"examples": rows, "w": [B] weights}.
+      loss_fn: `loss_fn(params, batch, key) -> [B]` per-example loss.
       params: the received global model.
       data: the client's rows; key: its key for the round.
       hp: traced scalars client_lr (beta), inner_lr (alpha), delta.
@@ -116,6 +115,7 @@ def meta_train(loss, params, data, key, hp, cfg) -> local.LocalResult:
         batch sizes `inner_b`, `hessian_b`).
     """
     shared = cfg.hessian_batches == "shared"
+    loss = lambda p, b: jnp.sum(b["w"] * loss_fn(p, b["examples"], None))
     idx, weights, inner, hess = meta_batches(
         key, data.num_examples, client_capacity(data), nu=cfg.nu, batch_size=cfg.batch_size,
         inner_batch_size=cfg.inner_b, hessian_batch_size=cfg.hessian_b,
