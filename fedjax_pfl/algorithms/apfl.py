@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from fedjax_pfl.core import aggregation, algorithm, config, local
+from fedjax_pfl.core import aggregation, algorithm, config, local, server
 from fedjax_pfl.core import execution as ex
 from fedjax_pfl.core import round as round_lib
 from fedjax_pfl.core.algorithm import FederatedAlgorithm
@@ -100,23 +100,20 @@ def apfl_step(loss_fn, optimizer, alpha_lr):
 @config.factory(APFLConfig)
 def apfl(model: Model, cfg: APFLConfig) -> FederatedAlgorithm:
     """APFL; hyperparameters: `APFLConfig`."""
-    schedule, execution = cfg.schedule, cfg.strategy
     loss_fn = local.model_loss_fn(model)
 
     def init(key, train, params=None):
-        algorithm.check_data(model, train, cfg.clients_per_round)
-        params = algorithm.initial_params(model, key, params)
-        m, hp = train.num_clients, cfg.hparams()
-        opt_state = local.make_optimizer(cfg.server_optimizer, hp["server_lr"]).init(params)
+        params, hp, opt_state = server.init(model, cfg, key, train, params)
+        m = train.num_clients
         return APFLState(jnp.zeros((), jnp.int32), params, opt_state,
                          round_lib.replicate(params, m), jnp.full((m,), cfg.alpha, jnp.float32), hp)
 
     def client_update(broadcast, x):
         params, hp = broadcast
         data, key, weight, personal, a = x
-        optimizer = local.make_optimizer(schedule.optimizer, hp["client_lr"])
+        optimizer = local.make_optimizer(cfg.schedule.optimizer, hp["client_lr"])
         start = (params, personal, a, optimizer.init((params, personal)))
-        result = schedule.run(apfl_step(loss_fn, optimizer, hp["alpha_lr"]), start, data, key)
+        result = cfg.schedule.run(apfl_step(loss_fn, optimizer, hp["alpha_lr"]), start, data, key)
         w, v, a, _ = result.params
         return (result.mean_loss(), v, a), aggregation.weighted_delta(w, params, weight)
 
@@ -125,10 +122,8 @@ def apfl(model: Model, cfg: APFLConfig) -> FederatedAlgorithm:
                                                 state_clients=state.client_alpha.shape[0])
         xs = (data, keys, n, cohort.take(state.client_params), cohort.take(state.client_alpha))
         (losses, personal, alphas), (delta_sum, weight_sum) = ex.map_reduce(
-            client_update, (state.params, state.hparams), xs, execution)
-        server_opt = local.make_optimizer(cfg.server_optimizer, state.hparams["server_lr"])
-        params, opt_state = aggregation.server_update(
-            server_opt, state.params, state.opt_state, aggregation.safe_div(delta_sum, weight_sum))
+            client_update, (state.params, state.hparams), xs, cfg.strategy)
+        params, opt_state = server.step(cfg, state, delta_sum, weight_sum)
         metrics = {"train_loss": round_lib.mean_loss(losses, n)}
         if cfg.diagnostics:
             metrics["diagnostics"] = {"clients": cohort.ids, "alpha": alphas}
@@ -146,6 +141,6 @@ def apfl(model: Model, cfg: APFLConfig) -> FederatedAlgorithm:
                     "alpha": a}
 
         return ex.map_clients(client, state.params,
-                              (state.client_params, state.client_alpha, test), execution)
+                              (state.client_params, state.client_alpha, test), cfg.strategy)
 
     return FederatedAlgorithm(init, round_fn, evaluate)

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from fedjax_pfl.core import aggregation, algorithm, config, local
+from fedjax_pfl.core import aggregation, algorithm, config, local, server
 from fedjax_pfl.core import execution as ex
 from fedjax_pfl.core import round as round_lib
 from fedjax_pfl.core.algorithm import FederatedAlgorithm
@@ -102,21 +102,17 @@ class DittoConfig(config.ServerConfig):
 @config.factory(DittoConfig)
 def ditto(model: Model, cfg: DittoConfig) -> FederatedAlgorithm:
     """Ditto; hyperparameters: `DittoConfig`."""
-    schedule, execution = cfg.schedule, cfg.strategy
     loss_fn = local.model_loss_fn(model)
 
     def init(key, train, params=None):
-        algorithm.check_data(model, train, cfg.clients_per_round)
-        params = algorithm.initial_params(model, key, params)
-        hp = cfg.hparams()
-        opt_state = local.make_optimizer(cfg.server_optimizer, hp["server_lr"]).init(params)
+        params, hp, opt_state = server.init(model, cfg, key, train, params)
         return DittoState(jnp.zeros((), jnp.int32), params, opt_state,
                           round_lib.replicate(params, train.num_clients), hp)
 
     def client_update(broadcast, x):
         params, hp = broadcast
         data, key, weight, personal = x
-        result = schedule.train(loss_fn, params, data, key, hp["client_lr"])
+        result = cfg.schedule.train(loss_fn, params, data, key, hp["client_lr"])
         penalty = lambda v: 0.5 * hp["lam"] * optax.tree.norm(optax.tree.sub(v, params),
                                                               squared=True)
         personal = cfg.personal_schedule.train(loss_fn, personal, data, jax.random.fold_in(key, 1),
@@ -130,10 +126,8 @@ def ditto(model: Model, cfg: DittoConfig) -> FederatedAlgorithm:
             state_clients=round_lib.num_clients_of(state.client_params))
         (losses, personal), (delta_sum, weight_sum) = ex.map_reduce(
             client_update, (state.params, state.hparams),
-            (data, keys, n, cohort.take(state.client_params)), execution)
-        server_opt = local.make_optimizer(cfg.server_optimizer, state.hparams["server_lr"])
-        params, opt_state = aggregation.server_update(
-            server_opt, state.params, state.opt_state, aggregation.safe_div(delta_sum, weight_sum))
+            (data, keys, n, cohort.take(state.client_params)), cfg.strategy)
+        params, opt_state = server.step(cfg, state, delta_sum, weight_sum)
         metrics = {"train_loss": round_lib.mean_loss(losses, n)}
         return state.replace(round=state.round + 1, params=params, opt_state=opt_state,
                              client_params=cohort.put(state.client_params, personal)), metrics
@@ -141,6 +135,6 @@ def ditto(model: Model, cfg: DittoConfig) -> FederatedAlgorithm:
     def evaluate(state, train, test):
         algorithm.check_same_clients(train.num_clients, test, "test")
         return ex.map_clients(lambda _, x: local.evaluate_client(model, *x), (),
-                              (state.client_params, test), execution)
+                              (state.client_params, test), cfg.strategy)
 
     return FederatedAlgorithm(init, round_fn, evaluate)

@@ -41,7 +41,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from fedjax_pfl.core import aggregation as agg
-from fedjax_pfl.core import algorithm, config, finetune, local
+from fedjax_pfl.core import config, finetune, local, server
 from fedjax_pfl.core import execution as ex
 from fedjax_pfl.core import round as round_lib
 from fedjax_pfl.core.algorithm import FederatedAlgorithm
@@ -123,9 +123,8 @@ def meta_fl(model: Model, cfg: MetaFLConfig) -> FederatedAlgorithm:
     loss_fn = local.model_loss_fn(model)
 
     def init(key, train, params=None):
-        algorithm.check_data(model, train, cfg.clients_per_round)
-        return MetaFLState(jnp.zeros((), jnp.int32),
-                           algorithm.initial_params(model, key, params), cfg.hparams())
+        params, hp, _ = server.init(model, cfg, key, train, params)
+        return MetaFLState(jnp.zeros((), jnp.int32), params, hp)
 
     def client_update(broadcast, x):
         params, hp = broadcast

@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from fedjax_pfl.core import aggregation, algorithm, config, local
+from fedjax_pfl.core import aggregation, config, local, server
 from fedjax_pfl.core import execution as ex
 from fedjax_pfl.core import round as round_lib
 from fedjax_pfl.core.algorithm import FederatedAlgorithm
@@ -111,19 +111,17 @@ def pfedme_step(loss_fn, hp, inner_steps: int):
 @config.factory(PFedMeConfig, fixed={"client_optimizer": "sgd"})
 def pfedme(model: Model, cfg: PFedMeConfig) -> FederatedAlgorithm:
     """pFedMe (see the module docstring for the symbols); hyperparameters: `PFedMeConfig`."""
-    schedule, execution = cfg.schedule, cfg.strategy
     loss_fn = local.model_loss_fn(model)
 
     def init(key, train, params=None):
-        algorithm.check_data(model, train, cfg.clients_per_round)
-        params = algorithm.initial_params(model, key, params)
+        params, hp, _ = server.init(model, cfg, key, train, params)
         return PFedMeState(jnp.zeros((), jnp.int32), params,
-                           round_lib.replicate(params, train.num_clients), cfg.hparams())
+                           round_lib.replicate(params, train.num_clients), hp)
 
     def client_update(broadcast, x):
         params, hp = broadcast
         personal, data, key, weight = x
-        idx, weights = schedule.plan(key, data)
+        idx, weights = cfg.schedule.plan(key, data)
         result = local.scan_plan(pfedme_step(loss_fn, hp, cfg.inner_steps), (params, params),
                                  data, idx, weights)
         w_local, theta = result.params  # a client that never stepped keeps its theta_i:
@@ -142,7 +140,7 @@ def pfedme(model: Model, cfg: PFedMeConfig) -> FederatedAlgorithm:
             cohort, data, keys, n = round_lib.start(key, train, None)
         (theta, losses), (delta_sum, weight_sum) = ex.map_reduce(
             client_update, (state.params, state.hparams),
-            (cohort.take(state.client_params), data, keys, weights), execution)
+            (cohort.take(state.client_params), data, keys, weights), cfg.strategy)
         params = jax.tree.map(lambda w, d: w + state.hparams["beta"] * d, state.params,
                               aggregation.safe_div(delta_sum, weight_sum))
         metrics = {"train_loss": round_lib.mean_loss(losses, n)}
@@ -152,6 +150,6 @@ def pfedme(model: Model, cfg: PFedMeConfig) -> FederatedAlgorithm:
     def evaluate(state, train, test):
         del train
         return ex.map_clients(lambda _, x: local.evaluate_client(model, *x), (),
-                              (state.client_params, test), execution)
+                              (state.client_params, test), cfg.strategy)
 
     return FederatedAlgorithm(init, round_fn, evaluate)

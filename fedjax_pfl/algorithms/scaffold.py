@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from fedjax_pfl.core import aggregation, algorithm, config, local
+from fedjax_pfl.core import aggregation, config, local, server
 from fedjax_pfl.core import execution as ex
 from fedjax_pfl.core import round as round_lib
 from fedjax_pfl.core.algorithm import FederatedAlgorithm
@@ -76,14 +76,10 @@ def new_control(c_i, control, params, result: local.LocalResult, client_lr):
 @config.factory(SCAFFOLDConfig)
 def scaffold(model: Model, cfg: SCAFFOLDConfig) -> FederatedAlgorithm:
     """SCAFFOLD (control variates, option II); hyperparameters: `SCAFFOLDConfig`."""
-    schedule, execution = cfg.schedule, cfg.strategy
     loss_fn = local.model_loss_fn(model)
 
     def init(key, train, params=None):
-        algorithm.check_data(model, train, cfg.clients_per_round)
-        params = algorithm.initial_params(model, key, params)
-        hp = cfg.hparams()
-        opt_state = local.make_optimizer(cfg.server_optimizer, hp["server_lr"]).init(params)
+        params, hp, opt_state = server.init(model, cfg, key, train, params)
         zeros = jax.tree.map(jnp.zeros_like, params)
         return SCAFFOLDState(jnp.zeros((), jnp.int32), params, opt_state, zeros,
                              round_lib.replicate(zeros, train.num_clients), hp)
@@ -94,7 +90,7 @@ def scaffold(model: Model, cfg: SCAFFOLDConfig) -> FederatedAlgorithm:
         correction = jax.tree.map(jnp.subtract, control, c_i)
         penalty = lambda p: sum(jnp.vdot(a, b) for a, b in zip(jax.tree.leaves(correction),
                                                                 jax.tree.leaves(p)))
-        result = schedule.train(loss_fn, params, data, key, hp["client_lr"], penalty)
+        result = cfg.schedule.train(loss_fn, params, data, key, hp["client_lr"], penalty)
         new_c_i = new_control(c_i, control, params, result, hp["client_lr"])
         delta_c = jax.tree.map(jnp.subtract, new_c_i, c_i)
         return (new_c_i, result.mean_loss()), (
@@ -106,10 +102,8 @@ def scaffold(model: Model, cfg: SCAFFOLDConfig) -> FederatedAlgorithm:
             state_clients=round_lib.num_clients_of(state.client_control))
         (c_i, losses), ((delta_sum, weight_sum), delta_c) = ex.map_reduce(
             client_update, (state.params, state.control, state.hparams),
-            (cohort.take(state.client_control), data, keys, cfg.weights(n)), execution)
-        server_opt = local.make_optimizer(cfg.server_optimizer, state.hparams["server_lr"])
-        params, opt_state = aggregation.server_update(
-            server_opt, state.params, state.opt_state, aggregation.safe_div(delta_sum, weight_sum))
+            (cohort.take(state.client_control), data, keys, cfg.weights(n)), cfg.strategy)
+        params, opt_state = server.step(cfg, state, delta_sum, weight_sum)
         num_with_data = jnp.sum(train.num_examples > 0).astype(jnp.float32)
         control = jax.tree.map(jnp.add, state.control,
                                aggregation.safe_div(delta_c, num_with_data))
@@ -121,6 +115,6 @@ def scaffold(model: Model, cfg: SCAFFOLDConfig) -> FederatedAlgorithm:
     def evaluate(state, train, test):
         del train
         return ex.map_clients(lambda p, d: local.evaluate_client(model, p, d), state.params,
-                              test, execution)
+                              test, cfg.strategy)
 
     return FederatedAlgorithm(init, round_fn, evaluate)
