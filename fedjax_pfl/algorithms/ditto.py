@@ -134,7 +134,6 @@ def ditto(model: Model, cfg: DittoConfig) -> FederatedAlgorithm:
 
     def evaluate(state, train, test):
         algorithm.check_same_clients(train.num_clients, test, "test")
-        return ex.map_clients(lambda _, x: local.evaluate_client(model, *x), (),
-                              (state.client_params, test), cfg.strategy)
+        return server.evaluate_personal(model, state.client_params, test, cfg.strategy)
 
     return FederatedAlgorithm(init, round_fn, evaluate)

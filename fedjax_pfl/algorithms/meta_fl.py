@@ -51,9 +51,8 @@ from fedjax_pfl.models.model import Model
 
 @struct.dataclass
 class MetaFLState:
-    """Meta-FL's round, global (meta) model w (`params`); `hparams`: client_lr
-    (beta), inner_lr (alpha), delta, and eval_lr when it was given (without it
-    the evaluation reads inner_lr)."""
+    """Meta-FL's round, global model w (`params`) and `hparams` (client_lr,
+    inner_lr, delta, and eval_lr when given: else the evaluation reads inner_lr)."""
 
     round: jax.Array
     params: object
@@ -64,16 +63,12 @@ class MetaFLState:
 class MetaFLConfig(config.Config):
     """Meta-FL's hyperparameters (`config.Config`'s, and; symbols: module docstring).
 
-    Static: nu (>= 0, the scan length), mode ("exact", "fo", "hf"), the batch
-    sizes (inner D and Hessian D'' default to D' = `batch_size`; the
-    evaluation's to D), hessian_batches ("independent", Per-FedAvg's D'', or
-    "shared", MAML), aggregation ("mean" over the cohort, Per-FedAvg, or
-    n_i-"weighted"), remat (rematerialize the inner steps of "exact": memory
-    O(nu |w|)), eval_steps (nu' of the scalar statistics, default nu),
-    eval_max_steps (the curve's nu_max, default max(5, eval_steps)),
-    eval_full_batch, eval_seed. Traced: inner_lr (alpha), client_lr (beta;
-    `outer_lr`, the paper's name, wins if set), delta, eval_lr (None: alpha).
-    `client_optimizer` is applied to the meta-gradient (default SGD).
+    Static: nu (the scan length), mode, the batch sizes (None: D and D'' = D',
+    the evaluation's = D), hessian_batches, aggregation, remat (rematerialize
+    the inner steps of "exact": memory O(nu |w|)), eval_steps (None: nu),
+    eval_max_steps (None: max(5, eval_steps)), eval_full_batch, eval_seed.
+    Traced: inner_lr, client_lr (`outer_lr`, the paper's name, wins if set),
+    delta, eval_lr (None: inner_lr). `client_optimizer` takes the meta-gradient.
     """
 
     nu: int = config.integer(1, minimum=0)
@@ -104,7 +99,7 @@ class MetaFLConfig(config.Config):
         return hp if self.outer_lr is None else {
             **hp, "client_lr": jnp.asarray(self.outer_lr, jnp.float32)}
 
-    # The resolved defaults (None: see the docstring).
+    # The resolved defaults of the fields that may be None.
     inner_b = property(lambda c: _or(c.inner_batch_size, c.batch_size))
     hessian_b = property(lambda c: _or(c.hessian_batch_size, c.batch_size))
     eval_report = property(lambda c: _or(c.eval_steps, c.nu))

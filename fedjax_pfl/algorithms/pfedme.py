@@ -70,12 +70,10 @@ class PFedMeState:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PFedMeConfig(config.Config):
-    """pFedMe's hyperparameters (`config.Config`'s but the client optimizer; the
-    module docstring maps the symbols). Traced: lam, personal_lr, client_lr,
-    beta and mu; static: inner_steps (K) and train_all_clients. The R-step
-    schedule (`batch_size`, `local_steps`, `local_epochs`) masks empty steps
-    like `local.batch_plan`; weighting: "num_examples" (code) or "uniform" (paper).
-    """
+    """pFedMe's hyperparameters (`config.Config`'s but the client optimizer;
+    symbols: module docstring). Traced: lam, personal_lr, client_lr, beta, mu;
+    static: inner_steps (K), train_all_clients, the R-step schedule (epoch mode
+    masks empty steps), weighting ("num_examples", the code, or "uniform")."""
 
     lam: float = config.number(15.0)
     inner_steps: int = config.integer(5)
@@ -148,8 +146,6 @@ def pfedme(model: Model, cfg: PFedMeConfig) -> FederatedAlgorithm:
                              client_params=cohort.put(state.client_params, theta)), metrics
 
     def evaluate(state, train, test):
-        del train
-        return ex.map_clients(lambda _, x: local.evaluate_client(model, *x), (),
-                              (state.client_params, test), cfg.strategy)
+        return server.evaluate_personal(model, state.client_params, test, cfg.strategy)
 
     return FederatedAlgorithm(init, round_fn, evaluate)

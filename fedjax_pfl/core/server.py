@@ -1,11 +1,13 @@
 """The server side shared by the algorithms of one global model (ditto, apfl,
-scaffold, pfedme, meta_fl): the round-0 pieces of `init` and the step of a
-server optimizer (`config.ServerConfig`) on the cohort's mean delta.
+scaffold, pfedme, meta_fl): the round-0 pieces of `init`, the step of a server
+optimizer (`config.ServerConfig`) on the cohort's mean delta, and the test of
+per-client (personal) models.
 """
 
 from __future__ import annotations
 
 from fedjax_pfl.core import aggregation, algorithm, local
+from fedjax_pfl.core import execution as ex
 from fedjax_pfl.models.model import Model
 
 
@@ -28,3 +30,9 @@ def step(cfg, state, delta_sum, weight_sum):
     server_opt = local.make_optimizer(cfg.server_optimizer, state.hparams["server_lr"])
     return aggregation.server_update(server_opt, state.params, state.opt_state,
                                      aggregation.safe_div(delta_sum, weight_sum))
+
+
+def evaluate_personal(model: Model, client_params, test, execution: ex.Execution):
+    """Per-client test statistics [M] of the stacked per-client models (leaves [M, ...])."""
+    return ex.map_clients(lambda _, x: local.evaluate_client(model, *x), (),
+                          (client_params, test), execution)
