@@ -27,31 +27,24 @@ clients that hold data, so c stays the mean of their c_i.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import struct
 
-from fedjax_pfl.core import aggregation, algorithm, local
+from fedjax_pfl.core import aggregation, config, local, server
 from fedjax_pfl.core import execution as ex
 from fedjax_pfl.core import round as round_lib
 from fedjax_pfl.core.algorithm import FederatedAlgorithm
 from fedjax_pfl.models.model import Model
 
-WEIGHTINGS = ("uniform", "num_examples")
-
 
 @struct.dataclass
 class SCAFFOLDState:
-    """State of SCAFFOLD.
-
-    Attributes:
-      round: int32 scalar, rounds completed.
-      params: x, the global model.
-      opt_state: the server optimizer's state.
-      control: c, the server control variate (the params' structure).
-      client_control: c_i, every client's control variate, leaves [M, ...].
-      hparams: traced scalars: client_lr, server_lr.
-    """
+    """SCAFFOLD's round, x (`params`) with its server `opt_state`, the server
+    control c (`control`, the params' structure), every client's c_i
+    (`client_control`, leaves [M, ...]); `hparams`: client_lr, server_lr."""
 
     round: jax.Array
     params: object
@@ -61,45 +54,32 @@ class SCAFFOLDState:
     hparams: dict
 
 
-def scaffold(
-    model: Model,
-    *,
-    clients_per_round: int | None = None,
-    batch_size: int = 32,
-    local_steps: int | None = None,
-    local_epochs: int | None = None,
-    client_optimizer: local.OptimizerSpec = "sgd",
-    client_lr: float = 0.05,
-    server_optimizer: local.OptimizerSpec = "sgd",
-    server_lr: float = 1.0,
-    weighting: str = "uniform",
-    execution: str | ex.Execution = "vmap",
-) -> FederatedAlgorithm:
-    """SCAFFOLD (control variates, option II).
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SCAFFOLDConfig(config.ServerConfig):
+    """SCAFFOLD's hyperparameters (`config.ServerConfig`'s, and):
 
-    Args:
-      model: the model.
-      clients_per_round: S, sampled without replacement each round (None: all).
-      batch_size, local_steps, local_epochs: local schedule (default 1 epoch).
-      client_optimizer, client_lr: the client optimizer and eta_l (traced).
-      server_optimizer, server_lr: server optimizer and eta_g on the pseudo-gradient.
+    Attributes:
       weighting: "uniform" (paper) or "num_examples" mean of the model updates.
-      execution: client-axis strategy.
     """
-    algorithm.check_cohort_size(clients_per_round)
-    algorithm.check_number("client_lr", client_lr)
-    algorithm.check_number("server_lr", server_lr)
-    algorithm.check_arg("weighting", weighting, weighting in WEIGHTINGS, f"one of {WEIGHTINGS}")
-    local.check_optimizer("server_optimizer", server_optimizer)
-    schedule = local.LocalSchedule(batch_size, local_steps, local_epochs, client_optimizer)
-    execution = ex.as_execution(execution)
+
+    weighting: str = config.choice("uniform", ("uniform", "num_examples"))
+
+
+def new_control(c_i, control, params, result: local.LocalResult, client_lr):
+    """Option II: c_i+ = c_i - c + (x - y_i) / (K eta_l); c_i if the client took no step."""
+    scale = jnp.sum(result.counts > 0) * client_lr  # K eta_l
+    return jax.tree.map(lambda ci, c, s, y: jnp.where(
+        scale > 0, ci - c + (s - y) / jnp.where(scale > 0, scale, 1.0), ci),
+        c_i, control, params, result.params)
+
+
+@config.factory(SCAFFOLDConfig)
+def scaffold(model: Model, cfg: SCAFFOLDConfig) -> FederatedAlgorithm:
+    """SCAFFOLD (control variates, option II); hyperparameters: `SCAFFOLDConfig`."""
     loss_fn = local.model_loss_fn(model)
 
     def init(key, train, params=None):
-        algorithm.check_data(model, train, clients_per_round)
-        params = algorithm.initial_params(model, key, params)
-        hp = algorithm.hparams(client_lr=client_lr, server_lr=server_lr)
-        opt_state = local.make_optimizer(server_optimizer, hp["server_lr"]).init(params)
+        params, hp, opt_state = server.init(model, cfg, key, train, params)
         zeros = jax.tree.map(jnp.zeros_like, params)
         return SCAFFOLDState(jnp.zeros((), jnp.int32), params, opt_state, zeros,
                              round_lib.replicate(zeros, train.num_clients), hp)
@@ -110,26 +90,20 @@ def scaffold(
         correction = jax.tree.map(jnp.subtract, control, c_i)
         penalty = lambda p: sum(jnp.vdot(a, b) for a, b in zip(jax.tree.leaves(correction),
                                                                 jax.tree.leaves(p)))
-        result = schedule.train(loss_fn, params, data, key, hp["client_lr"], penalty)
-        scale = jnp.sum(result.counts > 0) * hp["client_lr"]  # K eta_l
-        new_c_i = jax.tree.map(
-            lambda ci, c, s, y: jnp.where(scale > 0, ci - c + (s - y) / jnp.where(
-                scale > 0, scale, 1.0), ci), c_i, control, params, result.params)
+        result = cfg.schedule.train(loss_fn, params, data, key, hp["client_lr"], penalty)
+        new_c_i = new_control(c_i, control, params, result, hp["client_lr"])
         delta_c = jax.tree.map(jnp.subtract, new_c_i, c_i)
         return (new_c_i, result.mean_loss()), (
             aggregation.weighted_delta(result.params, params, weight), delta_c)
 
     def round_fn(state, train, key, cohort=None):
         cohort, data, keys, n = round_lib.start(
-            key, train, clients_per_round, cohort,
+            key, train, cfg.clients_per_round, cohort,
             state_clients=round_lib.num_clients_of(state.client_control))
-        weights = n if weighting == "num_examples" else (n > 0).astype(jnp.float32)
         (c_i, losses), ((delta_sum, weight_sum), delta_c) = ex.map_reduce(
             client_update, (state.params, state.control, state.hparams),
-            (cohort.take(state.client_control), data, keys, weights), execution)
-        server_opt = local.make_optimizer(server_optimizer, state.hparams["server_lr"])
-        params, opt_state = aggregation.server_update(
-            server_opt, state.params, state.opt_state, aggregation.safe_div(delta_sum, weight_sum))
+            (cohort.take(state.client_control), data, keys, cfg.weights(n)), cfg.strategy)
+        params, opt_state = server.step(cfg, state, delta_sum, weight_sum)
         num_with_data = jnp.sum(train.num_examples > 0).astype(jnp.float32)
         control = jax.tree.map(jnp.add, state.control,
                                aggregation.safe_div(delta_c, num_with_data))
@@ -141,6 +115,6 @@ def scaffold(
     def evaluate(state, train, test):
         del train
         return ex.map_clients(lambda p, d: local.evaluate_client(model, p, d), state.params,
-                              test, execution)
+                              test, cfg.strategy)
 
     return FederatedAlgorithm(init, round_fn, evaluate)

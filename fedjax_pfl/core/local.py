@@ -9,7 +9,10 @@ Two batching modes, both with shapes fixed by (N, B, T):
   ceil(n_i / B) are empty and their steps are masked (no-ops, optimizer state
   included), and a partial last batch is averaged over its valid rows.
 
-A client with 0 examples is a no-op in both modes.
+A client with 0 examples is a no-op in both modes. `scan_plan` is the one
+local loop (plan in, masked steps); algorithms whose step is not a plain
+optimizer step on the loss (APFL, pFedMe, meta-FL) pass their own step to it,
+or to `local_train` / `LocalSchedule.run` (`step_fn`).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ class LocalResult(NamedTuple):
     """Outcome of `local_train` for one client.
 
     Attributes:
-      params: the trained params.
+      params: the trained params (with a custom step: the final carry).
       losses: [T] mean data loss of each step's minibatch (0 on empty steps).
       counts: [T] number of valid examples in each step's minibatch.
     """
@@ -133,6 +136,18 @@ class LocalSchedule:
                            batch_size=self.batch_size, local_steps=self.local_steps,
                            local_epochs=self.epochs, penalty=penalty)
 
+    def run(self, step_fn, carry, data, key) -> LocalResult:
+        """`local_train` with this schedule and a custom `step_fn` (see `scan_plan`)."""
+        return local_train(carry, data, key, batch_size=self.batch_size,
+                           local_steps=self.local_steps, local_epochs=self.epochs,
+                           step_fn=step_fn)
+
+    def plan(self, key, data):
+        """`batch_plan(key, ...)` of one client's `data` under this schedule."""
+        return batch_plan(key, data.num_examples, client_capacity(data),
+                          batch_size=self.batch_size, local_steps=self.local_steps,
+                          local_epochs=self.epochs)
+
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
@@ -166,57 +181,107 @@ def batch_plan(key, num_examples, max_examples: int, *, batch_size: int,
     return idx, w.astype(jnp.float32)
 
 
+def scan_plan(step_fn: Callable, carry, data: ClientData, idx, weights, xs=None) -> LocalResult:
+    """Scans `step_fn` over a batch plan, masking the steps with no examples.
+
+    THE local loop of every algorithm (its step is the only part that varies).
+
+    Args:
+      step_fn: `step_fn(carry, batch, weights, x) -> (new_carry, data_loss)`
+        for one step's minibatch `batch` (the client's rows `idx[t]`), its
+        per-example weights [B] and `x`, the step's slice of `xs`.
+      carry: the starting carry (params, optimizer state, ...).
+      data: one client's view.
+      idx, weights: the plan [T, B] (`batch_plan`).
+      xs: per-step inputs (leaves [T, ...]) or None.
+
+    Returns:
+      `LocalResult(final carry, losses [T], counts [T])`; a step with no
+      example leaves the whole carry unchanged.
+    """
+    def step(c, s):
+        i, w, x = s
+        new, data_loss = step_fn(c, client_rows(data, i), w, x)
+        count = jnp.sum(w > 0).astype(jnp.float32)
+        return optax.tree.where(count > 0, new, c), (data_loss, count)
+
+    carry, (losses, counts) = jax.lax.scan(step, carry, (idx, weights, xs))
+    return LocalResult(carry, losses, counts)
+
+
+def optimizer_step(optimizer: optax.GradientTransformation, value_and_grad: Callable) -> Callable:
+    """A step that moves the carry (params, opt_state) by one `optimizer` step.
+
+    `value_and_grad(params, batch, weights, x) -> (data_loss, grads)` gives
+    the step's direction (the gradient of the local objective, or e.g. a
+    meta-gradient).
+    """
+    def step(carry, batch, w, x):
+        p, opt_state = carry
+        data_loss, grads = value_and_grad(p, batch, w, x)
+        updates, new_opt_state = optimizer.update(grads, opt_state, p)
+        return (optax.apply_updates(p, updates), new_opt_state), data_loss
+
+    return step
+
+
+def loss_grad(loss_fn: Callable, penalty: Callable | None = None) -> Callable:
+    """`value_and_grad` of `optimizer_step` for the weighted minibatch loss (+ `penalty`)."""
+    def objective(p, batch, w, k):
+        data_loss = jnp.sum(w * loss_fn(p, batch, k))
+        return data_loss + (penalty(p) if penalty is not None else 0.0), data_loss
+
+    def value_and_grad(p, batch, w, k):
+        (_, data_loss), grads = jax.value_and_grad(objective, has_aux=True)(p, batch, w, k)
+        return data_loss, grads
+
+    return value_and_grad
+
+
 def local_train(
     params,
     data: ClientData,
     key: jax.Array,
     *,
-    loss_fn: Callable,
-    optimizer: optax.GradientTransformation,
+    loss_fn: Callable | None = None,
+    optimizer: optax.GradientTransformation | None = None,
     batch_size: int,
     local_steps: int | None = None,
     local_epochs: int | None = None,
     penalty: Callable | None = None,
+    step_fn: Callable | None = None,
 ) -> LocalResult:
-    """Runs T optimizer steps on ONE client's data.
+    """Runs T steps on ONE client's data (`batch_plan` + `scan_plan`).
 
     Args:
-      params: the starting params.
+      params: the starting params (with `step_fn`: the starting carry).
       data: one client's view (`examples` leaves [N, ...] and `num_examples`
         a scalar, or a flat store with the client's offset; see `ClientData`).
-      key: the client's key for this round.
+      key: the client's key for this round (split into the plan's key and
+        the steps' keys, one per step).
       loss_fn: `loss_fn(params, batch, key) -> [B]` per-example loss.
       optimizer: the client optimizer; its state starts fresh.
       batch_size, local_steps, local_epochs: the schedule (see module doc).
       penalty: optional `penalty(params) -> scalar` added to each step's
         objective (e.g. a proximal term); not included in `losses`.
+      step_fn: a custom step `step_fn(carry, batch, weights, key) -> (carry,
+        data_loss)` (see `scan_plan`) instead of `optimizer_step(optimizer,
+        loss_grad(loss_fn, penalty))`.
 
     Returns:
-      `LocalResult(params, losses [T], counts [T])`.
+      `LocalResult(params, losses [T], counts [T])` (with `step_fn`: the
+      final carry as `params`).
     """
     plan_key, step_key = jax.random.split(key)
     idx, weights = batch_plan(plan_key, data.num_examples, client_capacity(data),
                               batch_size=batch_size,
                               local_steps=local_steps, local_epochs=local_epochs)
-
-    def objective(p, batch, w, k):
-        data_loss = jnp.sum(w * loss_fn(p, batch, k))
-        return data_loss + (penalty(p) if penalty is not None else 0.0), data_loss
-
-    def step(carry, xs):
-        p, opt_state = carry
-        i, w, k = xs
-        batch = client_rows(data, i)
-        (_, data_loss), grads = jax.value_and_grad(objective, has_aux=True)(p, batch, w, k)
-        updates, new_opt_state = optimizer.update(grads, opt_state, p)
-        new = (optax.apply_updates(p, updates), new_opt_state)
-        count = jnp.sum(w > 0).astype(jnp.float32)
-        return optax.tree.where(count > 0, new, (p, opt_state)), (data_loss, count)
-
     keys = jax.random.split(step_key, idx.shape[0])
-    (params, _), (losses, counts) = jax.lax.scan(step, (params, optimizer.init(params)),
-                                                 (idx, weights, keys))
-    return LocalResult(params, losses, counts)
+    if step_fn is not None:
+        return scan_plan(step_fn, params, data, idx, weights, keys)
+    result = scan_plan(optimizer_step(optimizer, loss_grad(loss_fn, penalty)),
+                       (params, optimizer.init(params)), data, idx, weights, keys)
+    return result._replace(params=result.params[0])
 
 
 def model_loss_fn(model: Model) -> Callable:

@@ -96,6 +96,21 @@ def test_empty_client_and_masked_steps_leave_stateful_optimizers_untouched():
     np.testing.assert_allclose(a.params["w"], b.params["w"], rtol=1e-6)
 
 
+def test_custom_step_runs_the_same_masked_loop():
+    """`step_fn` = the default step reproduces `local_train`; masked steps leave any carry."""
+    adam, start = optax.adam(0.1), {"w": jnp.ones(())}
+    data, key = row([1.0, 2.0, 0.5], [3.0, 1.0, 2.0], pad_to=8), jax.random.key(1)
+    kw = {"batch_size": 2, "local_epochs": 2}
+    want = local.local_train(start, data, key, loss_fn=LOSS, optimizer=adam, **kw)
+    got = local.local_train((start, adam.init(start)), data, key, **kw,
+                            step_fn=local.optimizer_step(adam, local.loss_grad(LOSS)))
+    np.testing.assert_array_equal(got.params[0]["w"], want.params["w"])
+    np.testing.assert_array_equal(got.losses, want.losses)
+    count = local.local_train(jnp.zeros(()), data, key, step_fn=lambda c, b, w, k: (c + 1, 0.0),
+                              **kw)
+    assert int(count.params) == int(np.sum(np.asarray(count.counts) > 0)) == 4
+
+
 @pytest.mark.parametrize("kwargs,match", [
     ({"batch_size": 0}, "batch_size"),
     ({"local_steps": 2, "local_epochs": 1}, "local_steps / local_epochs"),

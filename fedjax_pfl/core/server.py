@@ -1,0 +1,38 @@
+"""The server side shared by the algorithms of one global model (ditto, apfl,
+scaffold, pfedme, meta_fl): the round-0 pieces of `init`, the step of a server
+optimizer (`config.ServerConfig`) on the cohort's mean delta, and the test of
+per-client (personal) models.
+"""
+
+from __future__ import annotations
+
+from fedjax_pfl.core import aggregation, algorithm, local
+from fedjax_pfl.core import execution as ex
+from fedjax_pfl.models.model import Model
+
+
+def init(model: Model, cfg, key, train, params=None):
+    """(params, hparams, server optimizer state) at round 0, after every data check.
+
+    `cfg`: the algorithm's config; the optimizer state is None when it has no
+    `server_optimizer` (no `config.ServerConfig`).
+    """
+    algorithm.check_data(model, train, cfg.clients_per_round)
+    params = algorithm.initial_params(model, key, params)
+    hp = cfg.hparams()
+    if getattr(cfg, "server_optimizer", None) is None:
+        return params, hp, None
+    return params, hp, local.make_optimizer(cfg.server_optimizer, hp["server_lr"]).init(params)
+
+
+def step(cfg, state, delta_sum, weight_sum):
+    """(params, opt_state) after the server optimizer's step on delta_sum / weight_sum."""
+    server_opt = local.make_optimizer(cfg.server_optimizer, state.hparams["server_lr"])
+    return aggregation.server_update(server_opt, state.params, state.opt_state,
+                                     aggregation.safe_div(delta_sum, weight_sum))
+
+
+def evaluate_personal(model: Model, client_params, test, execution: ex.Execution):
+    """Per-client test statistics [M] of the stacked per-client models (leaves [M, ...])."""
+    return ex.map_clients(lambda _, x: local.evaluate_client(model, *x), (),
+                          (client_params, test), execution)
