@@ -6,7 +6,7 @@ import pytest
 from sklearn.metrics import f1_score, roc_auc_score
 
 from fedjax_pfl import metrics
-from fedjax_pfl.core import local
+from fedjax_pfl.core import evaluation, local
 from fedjax_pfl.data.client_data import ClientData
 from fedjax_pfl.models.model import Model, cross_entropy
 
@@ -105,5 +105,5 @@ def test_rank_and_pairwise_auc_agree_with_sklearn(seed):
         s = jax.numpy.asarray(np.pad(scores, (0, pad)))
         p = jax.numpy.asarray(np.pad(positive, (0, pad)))
         mask = jax.numpy.arange(rows) < n
-        assert float(local._ovr_auc_ranks(s, p, mask)) == pytest.approx(want, abs=1e-6)
-        assert float(local._ovr_auc_pairs(s, p, mask)) == pytest.approx(want, abs=1e-6)
+        assert float(evaluation._ovr_auc_ranks(s, p, mask)) == pytest.approx(want, abs=1e-6)
+        assert float(evaluation._ovr_auc_pairs(s, p, mask)) == pytest.approx(want, abs=1e-6)

@@ -14,11 +14,11 @@ import fedjax_pfl as fp
 from fedjax_pfl import cli, testing
 from fedjax_pfl.algorithms import apfl, fedapm, fedavg, fedfew, ifca
 from fedjax_pfl.algorithms import local_only as local
-from fedjax_pfl.algorithms.fedavg import evaluate_shared
 from fedjax_pfl.algorithms.fedfew import stch_weights
 from fedjax_pfl.checkpoint import load_params, save_params
 from fedjax_pfl.core import kmodels, sampling
 from fedjax_pfl.core.execution import as_execution
+from fedjax_pfl.core.server import evaluate_shared
 from fedjax_pfl.simulate import seed_keys
 
 MODEL = fp.models.mlp((6,), 3, hidden=(8,))

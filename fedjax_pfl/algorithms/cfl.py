@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from fedjax_pfl.core import clustering, config, kmodels, local
+from fedjax_pfl.core import clustering, config, kmodels, local, server
 from fedjax_pfl.core import execution as ex
 from fedjax_pfl.core import round as round_lib
 from fedjax_pfl.core.algorithm import FederatedAlgorithm, check_same_clients
@@ -126,7 +126,7 @@ def cfl(model: Model, cfg: CFLConfig) -> FederatedAlgorithm:
                                       min_split_size=cfg.min_split_size, linkage=cfg.linkage,
                                       num=num)
         mean_delta = clustering.cluster_means(deltas, cluster, weights, num)
-        params, opt_state = kmodels.server_step(cfg, state, mean_delta, copy(state.params),
+        params, opt_state = server.step_on(cfg, state, mean_delta, copy(state.params),
                                                 copy(state.opt_state))
         num_clusters = state.num_clusters + splits
         metrics = {"train_loss": round_lib.mean_loss(losses, n),

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from fedjax_pfl.core import aggregation, algorithm, config, finetune, local
+from fedjax_pfl.core import aggregation, config, finetune, local, server
 from fedjax_pfl.core import execution as ex
 from fedjax_pfl.core import round as round_lib
 from fedjax_pfl.core.algorithm import FederatedAlgorithm
@@ -78,10 +78,7 @@ def fedavg(model: Model, cfg: FedAvgConfig) -> FederatedAlgorithm:
     loss_fn = local.model_loss_fn(model)
 
     def init(key, train, params=None):
-        algorithm.check_data(model, train, cfg.clients_per_round)
-        params = algorithm.initial_params(model, key, params)
-        hp = cfg.hparams()
-        opt_state = local.make_optimizer(cfg.server_optimizer, hp["server_lr"]).init(params)
+        params, hp, opt_state = server.init(model, cfg, key, train, params)
         return FedAvgState(jnp.zeros((), jnp.int32), params, opt_state, hp)
 
     def client_update(broadcast, x):
@@ -98,15 +95,13 @@ def fedavg(model: Model, cfg: FedAvgConfig) -> FederatedAlgorithm:
         _, data, keys, n = round_lib.start(key, train, cfg.clients_per_round, cohort)
         losses, (delta_sum, weight_sum) = ex.map_reduce(
             client_update, (state.params, state.hparams), (data, keys, cfg.weights(n)), execution)
-        server_opt = local.make_optimizer(cfg.server_optimizer, state.hparams["server_lr"])
-        params, opt_state = aggregation.server_update(
-            server_opt, state.params, state.opt_state, aggregation.safe_div(delta_sum, weight_sum))
+        params, opt_state = server.step(cfg, state, delta_sum, weight_sum)
         metrics = {"train_loss": round_lib.mean_loss(losses, n)}
         return state.replace(round=state.round + 1, params=params, opt_state=opt_state), metrics
 
     def evaluate(state, train, test):
         del train
-        return evaluate_shared(model, state.params, test, execution)
+        return server.evaluate_shared(model, state.params, test, execution)
 
     return FederatedAlgorithm(init, round_fn, evaluate)
 
@@ -155,9 +150,4 @@ def fedavg_ft(model: Model, cfg: FedAvgFTConfig) -> FederatedAlgorithm:
         return out
 
     return FederatedAlgorithm(base.init, base.round, evaluate)
-
-
-def evaluate_shared(model: Model, params, test, execution: ex.Execution):
-    """Per-client test statistics [M] of one model shared by every client."""
-    return ex.map_clients(lambda p, d: local.evaluate_client(model, p, d), params, test, execution)
 

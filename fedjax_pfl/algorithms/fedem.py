@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from fedjax_pfl.core import aggregation, algorithm, config, kmodels, local
+from fedjax_pfl.core import aggregation, algorithm, config, kmodels, local, server
 from fedjax_pfl.core import execution as ex
 from fedjax_pfl.core import round as round_lib
 from fedjax_pfl.core.algorithm import FederatedAlgorithm
@@ -106,7 +106,7 @@ def fedem(model: Model, cfg: kmodels.KModelsConfig) -> FederatedAlgorithm:
         (pi, losses), (delta_sum, n_sum) = ex.map_reduce(
             client_update, (state.params, state.hparams), (cohort.take(state.mixture), data, keys),
             cfg.strategy)
-        params, opt_state = kmodels.server_step(cfg, state, aggregation.safe_div(delta_sum, n_sum))
+        params, opt_state = server.step_on(cfg, state, aggregation.safe_div(delta_sum, n_sum))
         metrics = {"train_loss": round_lib.mean_loss(losses, n)}
         return state.replace(round=state.round + 1, params=params, opt_state=opt_state,
                              mixture=cohort.put(state.mixture, pi)), metrics

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from fedjax_pfl.core import aggregation, algorithm, config, local, reductions
+from fedjax_pfl.core import aggregation, algorithm, config, local, reductions, server
 from fedjax_pfl.core import execution as ex
 from fedjax_pfl.core import round as round_lib
 from fedjax_pfl.models.model import Model
@@ -55,22 +55,9 @@ class KModelsState:
 
 def init_state(state_cls, model: Model, cfg, key, train, params=None, **extra):
     """`state_cls` at round 0: K models per `cfg.num_models` / `cfg.init`, and `extra` leaves."""
-    algorithm.check_data(model, train, cfg.clients_per_round)
-    params = algorithm.initial_params(model, key, params, num_models=cfg.num_models,
-                                      independent=cfg.init == "independent")
-    hp = cfg.hparams()
-    opt_state = local.make_optimizer(cfg.server_optimizer, hp["server_lr"]).init(params)
+    params, hp, opt_state = server.init(model, cfg, key, train, params)
     return state_cls(round=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
                      hparams=hp, **extra)
-
-
-def server_step(cfg, state, mean_delta, params=None, opt_state=None):
-    """(params, opt_state) after the server optimizer's step on the [K, ...] pseudo-gradient
-    `mean_delta` (from `state`'s, or the given, params and optimizer state)."""
-    server_opt = local.make_optimizer(cfg.server_optimizer, state.hparams["server_lr"])
-    return aggregation.server_update(
-        server_opt, state.params if params is None else params,
-        state.opt_state if opt_state is None else opt_state, mean_delta)
 
 
 def per_model_mean(delta_sum, weight_sum):
@@ -128,7 +115,7 @@ def hard_assignment_round(model: Model, cfg):
         (losses, choices), (delta_sum, weight_sum) = ex.map_reduce(
             client_update, (state.params, state.hparams), (data, keys, cfg.weights(n)),
             cfg.strategy)
-        params, opt_state = server_step(cfg, state, per_model_mean(delta_sum, weight_sum))
+        params, opt_state = server.step_on(cfg, state, per_model_mean(delta_sum, weight_sum))
         metrics = {"train_loss": round_lib.mean_loss(losses, n)}
         state = state.replace(round=state.round + 1, params=params, opt_state=opt_state)
         return state, metrics, (cohort, n, choices)
@@ -232,7 +219,7 @@ def stch_round(cfg, train_all):
         broadcast = (state.params, state.hparams, jnp.sum(n))
         losses, total = ex.map_reduce(client_update, broadcast, (data, keys), cfg.strategy,
                                       reductions.LOG_WEIGHTED_SUM)
-        params, opt_state = server_step(cfg, state, reductions.log_weighted_mean(total))
+        params, opt_state = server.step_on(cfg, state, reductions.log_weighted_mean(total))
         metrics = {"train_loss": round_lib.mean_loss(jnp.min(losses, axis=1), n)}
         state = state.replace(round=state.round + 1, params=params, opt_state=opt_state)
         return state, metrics, (cohort, data, losses)
