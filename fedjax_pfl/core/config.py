@@ -19,11 +19,11 @@ An algorithm is written as `build(model, cfg)` and published with `factory`:
     fedavg.build(model, FedAvgConfig())  # the same, from a config object
 """
 
-from __future__ import annotations
 
 import dataclasses
 import functools
 import inspect
+import typing
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -225,11 +225,15 @@ def factory(config_cls: type[Config], *, fixed: dict | None = None,
         functools.update_wrapper(make, build)
         del make.__wrapped__
         fields = {f.name: f for f in dataclasses.fields(config_cls)}
+        try:  # real types, so that tools reading the signature need no namespace
+            hints = typing.get_type_hints(config_cls)
+        except Exception:  # noqa: BLE001 - an unresolvable annotation stays a string
+            hints = {n: f.type for n, f in fields.items()}
         make.__signature__ = inspect.Signature(
             [inspect.Parameter("model", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
             + [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY,
                                  default=defaults.get(n, fields[n].default),
-                                 annotation=fields[n].type) for n in names])
+                                 annotation=hints[n]) for n in names])
         make.config, make.build, make.aliases = config_cls, build, aliases
         make.keywords = tuple(names)
         return make

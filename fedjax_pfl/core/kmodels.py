@@ -7,7 +7,6 @@ clients that chose it), the server step over the [K, ...] stack, and FedFew's
 smooth Tchebycheff-set weights and K-copy client trainer.
 """
 
-from __future__ import annotations
 
 import dataclasses
 

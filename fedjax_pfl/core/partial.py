@@ -15,7 +15,6 @@ the shared (or joint) phase `fold_in(client_key, 1)`, so alternating methods
 that differ only in their penalties draw the same minibatches.
 """
 
-from __future__ import annotations
 
 import dataclasses
 
