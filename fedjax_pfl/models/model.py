@@ -119,6 +119,8 @@ def _with_batch_stats(module, dummy, input_key, loss, token_mask) -> Model:
         return {"params": variables["params"], "batch_stats": variables["batch_stats"]}
 
     def train_apply(params, batch, key, mask):
+        if mask is not None:  # no valid row (an empty, masked step): every row, to stay finite
+            mask = mask | ~jnp.any(mask)
         return module.apply(params, batch[input_key], train=True, mask=mask,
                             rngs={"dropout": key}, mutable=["batch_stats"])
 
