@@ -43,7 +43,7 @@ def test_fedbn_equals_naive_loop_on_mlp_bn(options):
     assert sorted(state.client_personal) == ["batch_stats/bn_0/mean", "batch_stats/bn_0/var",
                                              "params/bn_0/bias", "params/bn_0/scale"]
     want = state
-    for r, (got, got_m) in enumerate(rounds(algo, tiny_train, 3)):
+    for r, (got, got_m) in enumerate(rounds(algo, tiny_train, 2)):
         want, want_m = testing.naive_round("fedbn", BN_MODEL, want, tiny_train,
                                            jax.random.fold_in(jax.random.key(9), r), **config)
         testing.assert_trees_close(got, want, rtol=1e-5, atol=1e-5)
@@ -55,7 +55,7 @@ def test_fedbn_equals_naive_loop_on_mlp_bn(options):
 
 def test_without_batch_norm_fedbn_is_fedavg(tiny_train):
     """Bit-identical op by op (eagerly); jitted, XLA may fuse the two servers' sums differently."""
-    config = {**CONFIG, "local_epochs": 2, "clients_per_round": 5}
+    config = {**CONFIG, "local_epochs": 1, "clients_per_round": 3}
     fedbn, fedavg = ALGORITHMS["fedbn"](MODEL, **config), ALGORITHMS["fedavg"](MODEL, **config)
     for jit, num, tol in ((False, 1, 0.0), (True, 2, 1e-6)):
         g, w = fedbn.init(jax.random.key(0), tiny_train), fedavg.init(jax.random.key(0), tiny_train)
@@ -83,7 +83,7 @@ def test_fedavg_on_mlp_bn_moves_the_running_statistics(tiny_train):
 
 def test_evaluation_uses_each_clients_own_statistics():
     tiny_train, tiny_test = BN_TRAIN, BN_TEST
-    algo = ALGORITHMS["fedbn"](BN_MODEL, **CONFIG, local_steps=3)
+    algo = ALGORITHMS["fedbn"](BN_MODEL, **CONFIG, local_steps=2)
     (state, _), = rounds(algo, tiny_train, 1)
     got = jax.jit(algo.evaluate)(state, tiny_train, tiny_test)
     params = {"params": {}, "batch_stats": {}}
