@@ -25,7 +25,9 @@ Choices (paper / PyTorch code vs here):
   the new params on the step's minibatch (PyTorch: in the step's forward pass,
   before the step).
 * Epoch mode's last partial minibatch: normalized (and its statistics taken)
-  over its valid rows only, as PyTorch's last batch without `drop_last`.
+  over its valid rows only, as PyTorch's last batch without `drop_last`. A
+  batch of ONE row (PyTorch refuses it in training) has variance 0: its
+  normalized values are the BN bias plus rounding noise / sqrt(eps).
 * A model without BatchNorm (nothing matched by the default `personal`) runs
   FedAvg exactly (same keys, same arithmetic); an explicit `personal` label
   must match some parameter.
