@@ -52,7 +52,7 @@ RUN_OPTIONS = {
     "eval_every": (int, 5, "rounds between evaluations"),
     "seed": (int, 0, "seed of the run (init and round keys) and, by default, of the data split"),
     "data_seed": (int, None, "seed of the data split (default: seed)"),
-    "model": (str, "mlp", "logreg, mlp or cnn"),
+    "model": (str, "mlp", "logreg, mlp, cnn, mlp_bn or cnn_bn (see `list`)"),
     "execution": (str, "vmap", "client-axis strategy: vmap, chunked or sharded"),
     "chunk_size": (int, None, "clients per chunk (chunked: default 64; sharded: optional)"),
     "devices": (int, None, "split the host CPU into N JAX devices (for sharded)"),
@@ -64,6 +64,7 @@ RUN_OPTIONS = {
     "cohorts": (str, None, "replay this cohort schedule instead of sampling (.npy, or .csv/.txt "
                            "with one round's client ids per line)"),
 }
+IMAGE_MODELS = ("cnn", "cnn_bn")  # the synthetic datasets come as [H, W, C] images
 MINIMUM = {"clients": 1, "rounds": 0, "eval_every": 1, "seed": 0, "data_seed": 0, "chunk_size": 1,
            "devices": 1, "checkpoint_every": 0, "max_examples_per_client": 1,
            "min_examples": 0}
@@ -295,7 +296,7 @@ def _load_data(cfg: dict):
     return fp.data.federated_dataset(
         cfg["dataset"], num_clients=cfg["clients"], partition=cfg["partition"],
         seed=cfg["seed"] if cfg.get("data_seed") is None else cfg["data_seed"],
-        train_fraction=cfg["train_fraction"], image=cfg["model"] == "cnn",
+        train_fraction=cfg["train_fraction"], image=cfg["model"] in IMAGE_MODELS,
         max_examples_per_client=cfg["max_examples_per_client"],
         min_examples=cfg["min_examples"], layout=cfg["layout"], **_dataset_kwargs(cfg))
 

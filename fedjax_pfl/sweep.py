@@ -194,7 +194,8 @@ def sweep(grid: dict, *, base: dict | None = None, algorithm_kwargs: dict | None
             raise RuntimeError(f"devices: JAX is already initialised in this process ({e})") from e
     data, built = {}, {}
     for p in points:  # builds data and algorithms, validating every value before any compile
-        dkey = json.dumps([p.run[k] for k in DATA] + [p.run["model"] == "cnn"], default=str)
+        image = p.run["model"] in cli.IMAGE_MODELS
+        dkey = json.dumps([p.run[k] for k in DATA] + [image], default=str)
         if dkey not in data:
             data[dkey] = cli._load_data(dict(p.run))
         algorithm, train, _, info = cli._build({**p.run, "devices": None}, p.kwargs, data[dkey])

@@ -10,6 +10,7 @@ from fedjax_pfl.algorithms.ditto import DittoState, ditto
 from fedjax_pfl.algorithms.fedapm import FedAPMState, fedapm
 from fedjax_pfl.algorithms.fedavg import FedAvgState, fedavg, fedavg_ft, fedprox
 from fedjax_pfl.algorithms.fedbabu import FedBABUState, fedbabu
+from fedjax_pfl.algorithms.fedbn import FedBNState, fedbn
 from fedjax_pfl.algorithms.fedem import FedEMState, fedem
 from fedjax_pfl.algorithms.fedfew import FedFewState, fedfew
 from fedjax_pfl.algorithms.fedrod import FedRoDState, fedrod
@@ -51,6 +52,7 @@ ALGORITHMS = {
     "lg_fedavg": lg_fedavg,
     "fedbabu": fedbabu,
     "fedrod": fedrod,
+    "fedbn": fedbn,
 }
 
 __all__ = [
@@ -61,6 +63,7 @@ __all__ = [
     "FedAPMState",
     "FedAvgState",
     "FedBABUState",
+    "FedBNState",
     "FedEMState",
     "FedFewState",
     "FedRoDState",
@@ -80,6 +83,7 @@ __all__ = [
     "fedavg",
     "fedavg_ft",
     "fedbabu",
+    "fedbn",
     "fedem",
     "fedfew",
     "fedper",

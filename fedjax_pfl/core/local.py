@@ -13,6 +13,13 @@ A client with 0 examples is a no-op in both modes. `scan_plan` is the one
 local loop (plan in, masked steps); algorithms whose step is not a plain
 optimizer step on the loss (APFL, pFedMe, meta-FL) pass their own step to it,
 or to `local_train` / `LocalSchedule.run` (`step_fn`).
+
+BatchNorm models: `model_loss_fn(model)` carries the model's `update_stats`,
+and the default step of `local_train` then marks the minibatch's valid rows
+(`models.model.TRAIN_MASK`, so a partial batch's statistics skip its padding)
+and, after each optimizer step, moves the running statistics of the NEW params
+by one running-average step on the same rows. Custom steps and wrapped loss
+functions (blocks of the params) leave the statistics as they are.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ import optax
 
 from fedjax_pfl.core.evaluation import evaluate_client  # noqa: F401 - re-exported
 from fedjax_pfl.data.client_data import ClientData, client_capacity, client_rows
-from fedjax_pfl.models.model import Model
+from fedjax_pfl.models.model import TRAIN_MASK, Model
 
 OptimizerSpec = str | Callable[[float], optax.GradientTransformation] | optax.GradientTransformation
 
@@ -280,11 +287,41 @@ def local_train(
     keys = jax.random.split(step_key, idx.shape[0])
     if step_fn is not None:
         return scan_plan(step_fn, params, data, idx, weights, keys)
-    result = scan_plan(optimizer_step(optimizer, loss_grad(loss_fn, penalty)),
-                       (params, optimizer.init(params)), data, idx, weights, keys)
+    step = optimizer_step(optimizer, loss_grad(loss_fn, penalty))
+    update_stats = getattr(loss_fn, "update_stats", None)
+    if update_stats is not None:
+        step = stats_step(step, update_stats)
+    result = scan_plan(step, (params, optimizer.init(params)), data, idx, weights, keys)
     return result._replace(params=result.params[0])
 
 
-def model_loss_fn(model: Model) -> Callable:
-    """`loss_fn(params, batch, key) -> [B]` for `local_train`, from a `Model`."""
-    return lambda params, batch, key: model.loss(model.apply(params, batch, key), batch)
+def stats_step(step: Callable, update_stats: Callable) -> Callable:
+    """`step` (carry (params, ...)) on a batch with its valid rows marked (`TRAIN_MASK`),
+    then `update_stats(new params, batch, weights)` (the running statistics)."""
+    def wrapped(carry, batch, w, x):
+        batch = {**batch, TRAIN_MASK: w > 0}
+        (p, *rest), data_loss = step(carry, batch, w, x)
+        return (update_stats(p, batch, w), *rest), data_loss
+
+    return wrapped
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelLoss:
+    """`loss_fn(params, batch, key) -> [B]` of a `Model`, carrying its `update_stats`
+    (None for a model without running statistics)."""
+
+    model: Model
+
+    @property
+    def update_stats(self) -> Callable | None:
+        return self.model.update_stats
+
+    def __call__(self, params, batch, key):
+        return self.model.loss(self.model.apply(params, batch, key), batch)
+
+
+def model_loss_fn(model: Model) -> ModelLoss:
+    """`loss_fn(params, batch, key) -> [B]` for `local_train`, from a `Model` (with the
+    model's `update_stats`: `local_train` updates BatchNorm statistics)."""
+    return ModelLoss(model)

@@ -2,6 +2,7 @@
 
 from fedjax_pfl.models.benchmarks import char_lstm, femnist_cnn, resnet, text_lstm
 from fedjax_pfl.models.model import (
+    TRAIN_MASK,
     Model,
     cross_entropy,
     from_linen,
@@ -10,16 +11,19 @@ from fedjax_pfl.models.model import (
     sequence_cross_entropy,
 )
 from fedjax_pfl.models.multimodal import ENCODERS, two_encoder
-from fedjax_pfl.models.zoo import MODELS, cnn, logistic_regression, mlp
+from fedjax_pfl.models.zoo import MODELS, cnn, cnn_bn, logistic_regression, mlp, mlp_bn
 
 __all__ = [
     "MODELS",
     "Model",
+    "TRAIN_MASK",
     "cnn",
+    "cnn_bn",
     "cross_entropy",
     "from_linen",
     "logistic_regression",
     "mlp",
+    "mlp_bn",
     "num_params",
     "per_example_loss",
 ]

@@ -10,6 +10,12 @@ Sequence models (per-token prediction) return logits [B, T, C] against labels
 counted tokens, see `sequence_cross_entropy`), so training is unchanged, and
 their optional `token_mask(batch) -> [B, T] bool` says which tokens count
 (padding does not) in `core.local.evaluate_client`.
+
+BatchNorm models (`from_linen` of a module with `batch_stats`) have params
+{"params": ..., "batch_stats": ...}: training (`key` given) normalizes with the
+minibatch's statistics over its rows marked in `batch[TRAIN_MASK]` (all rows
+when absent), evaluation (`key` None) with the running statistics, and
+`update_stats` moves those by one running-average step (see `Model`).
 """
 
 from collections.abc import Callable, Sequence
@@ -23,6 +29,9 @@ import optax
 Params = Any
 Batch = dict[str, jax.Array]
 
+TRAIN_MASK = "_train_mask"
+"""Optional batch field [B] bool: the rows whose statistics a BatchNorm layer uses in training."""
+
 
 class Model(NamedTuple):
     """A model as pure functions.
@@ -35,12 +44,18 @@ class Model(NamedTuple):
       token_mask: only for sequence models (logits [B, T, C], labels [B, T]):
         `token_mask(batch) -> [B, T]` bool, the tokens that count in
         evaluation (None: every token).
+      update_stats: only for models with running statistics (BatchNorm):
+        `update_stats(params, batch, weights [B]) -> params`, one running-average
+        step of the statistics from a training minibatch's rows with weight > 0
+        (PyTorch's momentum 0.1: running = 0.9 running + 0.1 batch statistic);
+        the other params are returned unchanged.
     """
 
     init: Callable[[jax.Array], Params]
     apply: Callable[[Params, Batch, jax.Array | None], jax.Array]
     loss: Callable[[jax.Array, Batch], jax.Array]
     token_mask: Callable[[Batch], jax.Array] | None = None
+    update_stats: Callable[[Params, Batch, jax.Array], Params] | None = None
 
 
 def cross_entropy(logits: jax.Array, batch: Batch) -> jax.Array:
@@ -77,8 +92,16 @@ def from_linen(
       input_dtype: the dtype of the dummy input that builds the params
         (an integer dtype for token ids fed to an embedding).
       token_mask: for sequence models, see `Model.token_mask`.
+
+    A module with a `batch_stats` collection (BatchNorm) must accept
+    `__call__(x, train, mask=None)` (`mask` [B] bool: the rows whose statistics
+    count); its params are then the whole variables dict and the model has
+    `update_stats` (see the module doc).
     """
     dummy = jnp.zeros((1, *input_shape), input_dtype)
+    variables = jax.eval_shape(lambda k: module.init(k, dummy, train=False), jax.random.key(0))
+    if "batch_stats" in variables:
+        return _with_batch_stats(module, dummy, input_key, loss, token_mask)
 
     def init(key):
         return module.init(key, dummy, train=False)["params"]
@@ -88,6 +111,30 @@ def from_linen(
         return module.apply({"params": params}, batch[input_key], train=key is not None, rngs=rngs)
 
     return Model(init=init, apply=apply, loss=loss, token_mask=token_mask)
+
+
+def _with_batch_stats(module, dummy, input_key, loss, token_mask) -> Model:
+    def init(key):
+        variables = module.init(key, dummy, train=False)
+        return {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+
+    def train_apply(params, batch, key, mask):
+        if mask is not None:  # no valid row (an empty, masked step): every row, to stay finite
+            mask = mask | ~jnp.any(mask)
+        return module.apply(params, batch[input_key], train=True, mask=mask,
+                            rngs={"dropout": key}, mutable=["batch_stats"])
+
+    def apply(params, batch, key=None):
+        if key is None:
+            return module.apply(params, batch[input_key], train=False)
+        return train_apply(params, batch, key, batch.get(TRAIN_MASK))[0]
+
+    def update_stats(params, batch, weights):
+        _, new = train_apply(params, batch, jax.random.key(0), weights > 0)
+        return {**params, "batch_stats": new["batch_stats"]}
+
+    return Model(init=init, apply=apply, loss=loss, token_mask=token_mask,
+                 update_stats=update_stats)
 
 
 def per_example_loss(model: Model, params: Params, batch: Batch, key=None) -> jax.Array:

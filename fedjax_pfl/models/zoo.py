@@ -4,6 +4,10 @@ The CNN is the one PFLlib (`FedAvgCNN`) and the FedFew code use: two 5x5 VALID
 convolutions (32 and 64 channels) each followed by ReLU and 2x2 max-pooling, a
 512-unit hidden layer and a linear head. For 28x28x1 inputs the flattened size
 is 1024, for 32x32x3 it is 1600.
+
+`mlp_bn` and `cnn_bn` add a BatchNorm layer (`bn_i`, PyTorch's defaults:
+momentum 0.1, eps 1e-5) after each hidden Dense / conv layer, before the
+ReLU, as FedBN's models do; their params are {"params", "batch_stats"}.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import flax.linen as nn
+import jax.numpy as jnp
 
 from fedjax_pfl.models.model import Model, from_linen
 
@@ -41,6 +46,43 @@ class _CNN(nn.Module):
             x = nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2))
         x = x.reshape((x.shape[0], -1))
         x = nn.relu(nn.Dense(512, name="hidden_0")(x))
+        return nn.Dense(self.num_classes, name="head")(x)
+
+
+def _batch_norm(x, train, mask, name):
+    """BatchNorm over every axis but the last; `mask` [B] picks the rows of the statistics."""
+    if mask is not None:
+        mask = jnp.broadcast_to(mask.reshape((-1,) + (1,) * (x.ndim - 1)), x.shape)
+    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                        use_fast_variance=False, name=name)(x, mask=mask)
+
+
+class _MLPBN(nn.Module):
+    hidden: Sequence[int]
+    num_classes: int
+
+    @nn.compact
+    def __call__(self, x, train: bool = False, mask=None):
+        x = x.reshape((x.shape[0], -1))
+        for i, width in enumerate(self.hidden):
+            x = nn.Dense(width, name=f"hidden_{i}")(x)
+            x = nn.relu(_batch_norm(x, train, mask, f"bn_{i}"))
+        return nn.Dense(self.num_classes, name="head")(x)
+
+
+class _CNNBN(nn.Module):
+    num_classes: int
+    channels: Sequence[int]
+    hidden: int
+
+    @nn.compact
+    def __call__(self, x, train: bool = False, mask=None):
+        for i, channels in enumerate(self.channels):
+            x = nn.Conv(channels, (3, 3), padding="SAME", name=f"conv_{i}")(x)
+            x = nn.relu(_batch_norm(x, train, mask, f"bn_{i}"))
+            x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        x = x.reshape((x.shape[0], -1))
+        x = nn.relu(nn.Dense(self.hidden, name="hidden_0")(x))
         return nn.Dense(self.num_classes, name="head")(x)
 
 
@@ -89,4 +131,27 @@ def cnn(input_shape: Sequence[int] = (28, 28, 1), num_classes: int = 10) -> Mode
     return from_linen(_CNN(num_classes), tuple(input_shape))
 
 
-MODELS = {"logreg": logistic_regression, "mlp": mlp, "cnn": cnn}
+def mlp_bn(input_shape: Sequence[int], num_classes: int, *,
+           hidden: Sequence[int] = (64,)) -> Model:
+    """`mlp` with a BatchNorm (`bn_i`) after each hidden Dense layer, before the ReLU."""
+    _check_classes(num_classes)
+    _check("hidden", hidden, len(hidden) >= 1 and all(isinstance(h, int) and h > 0
+                                                      for h in hidden), "one or more positive ints")
+    return from_linen(_MLPBN(tuple(hidden), num_classes), tuple(input_shape))
+
+
+def cnn_bn(input_shape: Sequence[int] = (28, 28, 1), num_classes: int = 10, *,
+           channels: Sequence[int] = (32, 64), hidden: int = 128) -> Model:
+    """A small CNN for [H, W, C] images: per `channels`, a 3x3 SAME conv, BatchNorm
+    (`bn_i`), ReLU and 2x2 max-pooling; then a ReLU Dense of `hidden` units and a `head`."""
+    _check("input_shape", input_shape, len(input_shape) == 3
+           and min(input_shape[:2]) >= 2 ** len(channels), "[H, W, C] with H, W >= 2**#channels")
+    _check_classes(num_classes)
+    _check("channels", channels, len(channels) >= 1 and all(isinstance(c, int) and c > 0
+                                                            for c in channels), "positive ints")
+    _check("hidden", hidden, isinstance(hidden, int) and hidden > 0, "a positive int")
+    return from_linen(_CNNBN(num_classes, tuple(channels), hidden), tuple(input_shape))
+
+
+MODELS = {"logreg": logistic_regression, "mlp": mlp, "cnn": cnn, "mlp_bn": mlp_bn,
+          "cnn_bn": cnn_bn}

@@ -29,6 +29,7 @@ from fedjax_pfl.testing import (
     naive_baselines,
     naive_cfl,
     naive_fedavg,
+    naive_fedbn,
     naive_kmodels,
     naive_meta,
     naive_partial,
@@ -47,6 +48,7 @@ NAIVE_ROUNDS = {
     **naive_meta.NAIVE_ROUNDS,
     **naive_baselines.NAIVE_ROUNDS,
     **naive_cfl.NAIVE_ROUNDS,
+    **naive_fedbn.NAIVE_ROUNDS,
 }
 
 # Naive references of `evaluate`, where an algorithm's evaluation does more than
@@ -62,6 +64,7 @@ DEFAULTS = {
     **naive_meta.DEFAULTS,
     **naive_baselines.DEFAULTS,
     **naive_cfl.DEFAULTS,
+    **naive_fedbn.DEFAULTS,
 }
 
 
