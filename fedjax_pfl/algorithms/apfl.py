@@ -72,7 +72,8 @@ class APFLConfig(config.ServerConfig):
 
     def hparams(self) -> dict:
         hp = super().hparams()
-        return {**hp, "alpha_lr": hp["client_lr"]} if self.alpha_lr is None else hp
+        # a separate buffer: state leaves that share one cannot both be donated
+        return {**hp, "alpha_lr": jnp.array(hp["client_lr"])} if self.alpha_lr is None else hp
 
 
 def mix(alpha, local_params, global_params):

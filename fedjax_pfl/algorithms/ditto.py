@@ -88,7 +88,8 @@ class DittoConfig(config.ServerConfig):
 
     def hparams(self) -> dict:
         hp = super().hparams()
-        return {**hp, "personal_lr": hp["client_lr"]} if self.personal_lr is None else hp
+        # a separate buffer: state leaves that share one cannot both be donated
+        return {**hp, "personal_lr": jnp.array(hp["client_lr"])} if self.personal_lr is None else hp
 
     @functools.cached_property
     def personal_schedule(self) -> local.LocalSchedule:

@@ -110,6 +110,15 @@ def test_scan_blocks_equal_one_block(name, tiny_train):
     assert int(one.round) == 4
 
 
+def test_state_leaves_have_their_own_buffers(name, tiny_train):
+    # `simulate` donates the state: two leaves sharing one buffer fail ("donate the same
+    # buffer twice") once the state is placed on a device mesh.
+    state = init(build(name, **SHARED)[0], tiny_train)
+    pointers = [a.unsafe_buffer_pointer() for a in jax.tree.leaves(state)
+                if isinstance(a, jax.Array)]
+    assert len(set(pointers)) == len(pointers)
+
+
 def test_same_key_same_result_other_key_differs(name, tiny_train):
     algo, _, round_fn, _ = build(name, **SHARED)
     state = init(algo, tiny_train)
