@@ -185,6 +185,7 @@ def test_fedrod_generic_model_is_fedavg_on_class_balanced_clients():
     assert np.isfinite(got_m["train_loss"])
 
 
+@pytest.mark.slow  # the alias itself is checked cheaply in tests/core/test_config.py
 @pytest.mark.parametrize("name", ["fedbabu", "fedrod"])
 def test_old_head_argument_warns_and_equals_personal(name, tiny_train, tiny_test):
     with pytest.warns(DeprecationWarning, match="'head' is deprecated; pass 'personal'"):
@@ -194,6 +195,7 @@ def test_old_head_argument_warns_and_equals_personal(name, tiny_train, tiny_test
     testing.assert_trees_close(got[0], got[1], rtol=0, atol=0)
     testing.assert_trees_close(old.evaluate(got[0], tiny_train, tiny_test),
                                new.evaluate(got[1], tiny_train, tiny_test), rtol=0, atol=0)
+
 
 def test_argument_errors_name_the_argument():
     for name, kwargs, match in [
