@@ -39,33 +39,17 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-from flax import struct
 
 from fedjax_pfl.core import aggregation, algorithm, config, local
-from fedjax_pfl.core import execution as ex
 from fedjax_pfl.core import params as params_lib
 from fedjax_pfl.core import partial as partial_lib
 from fedjax_pfl.core import round as round_lib
 from fedjax_pfl.core.algorithm import FederatedAlgorithm
 from fedjax_pfl.models.model import Model
 
-
-@struct.dataclass
-class FedBNState:
-    """State of FedBN.
-
-    Attributes:
-      round: int32 scalar, rounds completed.
-      shared: u, the server's non-BN params: flat dict {path: leaf}.
-      client_personal: v_i, each client's BN params and statistics (flat dict,
-        leaves [M, ...]; empty for a model without BatchNorm).
-      hparams: traced scalars: client_lr.
-    """
-
-    round: jax.Array
-    shared: dict
-    client_personal: dict
-    hparams: dict
+FedBNState = partial_lib.PersonalState
+"""FedBN's state: `shared` the non-BN params, `client_personal` each client's BN params and
+statistics (empty for a model without BatchNorm)."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -115,9 +99,9 @@ def fedbn(model: Model, cfg: FedBNConfig) -> FederatedAlgorithm:
     def client_update(broadcast, x):
         u, hp = broadcast
         v_i, data, key, weight = x
-        result = cfg.schedule.train(loss_fn, part.merge(v_i, u), data, key, hp["client_lr"])
-        v_i, u_i = part.split(result.params)
-        return (v_i, result.mean_loss()), aggregation.weighted_delta(u_i, u, weight)
+        v_i, u_i, loss = partial_lib.train_merged(cfg.schedule, loss_fn, part, v_i, u, data, key,
+                                                  hp["client_lr"])
+        return (v_i, loss), aggregation.weighted_delta(u_i, u, weight)
 
     def round_fn(state, train, key, cohort=None):
         u, v, (losses,), n = partial_lib.averaged_round(
@@ -128,7 +112,7 @@ def fedbn(model: Model, cfg: FedBNConfig) -> FederatedAlgorithm:
 
     def evaluate(state, train, test):
         del train
-        one = lambda u, x: local.evaluate_client(model, part.merge(x[0], u), x[1])
-        return ex.map_clients(one, state.shared, (state.client_personal, test), cfg.strategy)
+        return partial_lib.evaluate_merged(model, part.merge, state.shared,
+                                           state.client_personal, test, cfg.strategy)
 
     return FederatedAlgorithm(init, round_fn, evaluate)

@@ -32,7 +32,6 @@ import jax.numpy as jnp
 from flax import struct
 
 from fedjax_pfl.core import aggregation, algorithm, config, local
-from fedjax_pfl.core import execution as ex
 from fedjax_pfl.core import params as params_lib
 from fedjax_pfl.core import partial as partial_lib
 from fedjax_pfl.core import round as round_lib
@@ -79,7 +78,6 @@ def lg_fedavg(model: Model, cfg: LGFedAvgConfig) -> FederatedAlgorithm:
     part = params_lib.partition(jax.eval_shape(model.init, jax.random.key(0)), cfg.global_layers,
                                 name="global_layers", require_shared=False)
     loss_fn = local.model_loss_fn(model)
-    joint_loss = lambda p, batch, key: loss_fn(part.merge(p[1], p[0]), batch, key)
 
     def init(key, train, params=None):
         algorithm.check_data(model, train, cfg.clients_per_round)
@@ -90,9 +88,9 @@ def lg_fedavg(model: Model, cfg: LGFedAvgConfig) -> FederatedAlgorithm:
     def client_update(broadcast, x):
         g, hp = broadcast
         l_i, data, key, weight = x
-        result = cfg.schedule.train(joint_loss, (l_i, g), data, key, hp["client_lr"])
-        l_i, g_i = result.params
-        return (l_i, result.mean_loss()), aggregation.weighted_delta(g_i, g, weight)
+        g_i, l_i, loss = partial_lib.train_merged(cfg.schedule, loss_fn, part, g, l_i, data, key,
+                                                  hp["client_lr"])
+        return (l_i, loss), aggregation.weighted_delta(g_i, g, weight)
 
     def round_fn(state, train, key, cohort=None):
         g, rep, (losses,), n = partial_lib.averaged_round(
@@ -103,7 +101,8 @@ def lg_fedavg(model: Model, cfg: LGFedAvgConfig) -> FederatedAlgorithm:
 
     def evaluate(state, train, test):
         del train
-        one = lambda g, x: local.evaluate_client(model, part.merge(g, x[0]), x[1])
-        return ex.map_clients(one, state.global_params, (state.client_local, test), cfg.strategy)
+        return partial_lib.evaluate_merged(model, lambda rep, g: part.merge(g, rep),
+                                           state.global_params, state.client_local, test,
+                                           cfg.strategy)
 
     return FederatedAlgorithm(init, round_fn, evaluate)

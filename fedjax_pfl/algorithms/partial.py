@@ -42,9 +42,7 @@ import dataclasses
 import functools
 from collections.abc import Callable
 
-import jax
 import jax.numpy as jnp
-from flax import struct
 
 from fedjax_pfl.core import aggregation, algorithm, config
 from fedjax_pfl.core import partial as partial_lib
@@ -52,22 +50,7 @@ from fedjax_pfl.core import round as round_lib
 from fedjax_pfl.core.algorithm import FederatedAlgorithm
 from fedjax_pfl.models.model import Model
 
-
-@struct.dataclass
-class PartialState:
-    """State of FedAlt / FedSim / FedRep / FedPer.
-
-    Attributes:
-      round: int32 scalar, rounds completed.
-      shared: u, the server's shared block: flat dict {path: leaf}.
-      client_personal: v_i, every client's personal block, leaves [M, ...].
-      hparams: traced scalars: client_lr.
-    """
-
-    round: jax.Array
-    shared: dict
-    client_personal: dict
-    hparams: dict
+PartialState = partial_lib.PersonalState  # FedAlt / FedSim / FedRep / FedPer
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

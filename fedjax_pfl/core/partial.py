@@ -21,6 +21,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import optax
+from flax import struct
 
 from fedjax_pfl.core import aggregation, algorithm, config, local
 from fedjax_pfl.core import execution as ex
@@ -46,6 +47,41 @@ class PersonalConfig(config.Config):
 
     personal: params_lib.Label = ("head",)
     weighting: str = config.weighting()
+
+
+@struct.dataclass
+class PersonalState:
+    """State of a method with one shared block and a block per client (FedAlt,
+    FedSim, FedRep, FedPer, FedBN).
+
+    Attributes:
+      round: int32 scalar, rounds completed.
+      shared: u, the server's shared block: flat dict {path: leaf}.
+      client_personal: v_i, every client's personal block, leaves [M, ...].
+      hparams: traced scalars: client_lr.
+    """
+
+    round: jax.Array
+    shared: dict
+    client_personal: dict
+    hparams: dict
+
+
+def train_merged(schedule: local.LocalSchedule, loss_fn, part, v, u, data, key, lr):
+    """ONE client's joint training of its two blocks as one model: (v', u', mean loss).
+
+    The model's own loss is used unwrapped, so a model with BatchNorm statistics
+    keeps them current (`local.model_loss_fn`); LG-FedAvg and FedBN.
+    """
+    result = schedule.train(loss_fn, part.merge(v, u), data, key, lr)
+    v, u = part.split(result.params)
+    return v, u, result.mean_loss()
+
+
+def evaluate_merged(model: Model, merge, shared, client_rows, test, execution):
+    """Per-client test statistics [M] of `merge(row_i, shared)` (`shared` may be per-client)."""
+    one = lambda u, x: local.evaluate_client(model, merge(x[0], u), x[1])
+    return ex.map_clients(one, shared, (client_rows, test), execution)
 
 
 def averaged_round(cfg: config.Config, client_update, broadcast, client_rows, train, key,
@@ -130,7 +166,4 @@ class ClientTrainer:
 
     def evaluate(self, u, test, client_personal, execution):
         """Per-client test statistics [M] of (v_i, u) (u may be per-client too)."""
-        def one(shared, x):
-            v, data = x
-            return local.evaluate_client(self.model, self.part.merge(v, shared), data)
-        return ex.map_clients(one, u, (client_personal, test), execution)
+        return evaluate_merged(self.model, self.part.merge, u, client_personal, test, execution)
