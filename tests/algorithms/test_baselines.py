@@ -87,6 +87,7 @@ def test_fedem_with_one_component_is_fedavg(tiny_train, tiny_test):
                                fedavg.evaluate(want, tiny_train, tiny_test), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow  # ~13 s; FedEM's round is checked against its naive loop in test_common
 def test_fedem_mixture_weights_are_the_mean_responsibilities(tiny_train):
     """With client_lr = 0 only the E/M steps act: pi_i is the mean over client i's
     examples of q(k) ∝ pi_ik exp(-loss_k), a distribution over the K components."""

@@ -27,8 +27,9 @@ def run(algo, train, rounds):
     return state, metrics, history
 
 
-@pytest.mark.parametrize("never_splits", [{"eps1": 0.0, "warmup_rounds": 0},
-                                          {"max_clusters": 1, **ALWAYS_SPLIT}],
+@pytest.mark.parametrize("never_splits", [
+    pytest.param({"eps1": 0.0, "warmup_rounds": 0}, marks=pytest.mark.slow),
+    {"max_clusters": 1, **ALWAYS_SPLIT}],
                          ids=["eps1=0", "one slot"])
 def test_without_splits_cfl_is_fedavg(tiny_train, tiny_test, never_splits):
     config = {**CONFIG, "local_epochs": 2, "clients_per_round": 5}

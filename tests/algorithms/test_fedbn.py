@@ -33,7 +33,7 @@ def rounds(algo, train, num, state=None):
 
 @pytest.mark.parametrize("options", [
     {"local_epochs": 2, "clients_per_round": 4},  # partial batches, clients outside the cohort
-    {"local_steps": 3, "weighting": "uniform"},
+    pytest.param({"local_steps": 3, "weighting": "uniform"}, marks=pytest.mark.slow),
 ], ids=["epochs", "steps"])
 def test_fedbn_equals_naive_loop_on_mlp_bn(options):
     tiny_train = BN_TRAIN

@@ -219,6 +219,7 @@ def test_eval_lr_defaults_to_alpha(tiny_train, tiny_test, factory):
                                rtol=0, atol=0)
 
 
+@pytest.mark.slow  # ~15 s (compiles three evaluations)
 def test_eval_lr_changes_only_the_evaluation(tiny_train, tiny_test):
     algo, state = _trained(tiny_train)
     other_algo, other_state = _trained(tiny_train, eval_lr=0.5)

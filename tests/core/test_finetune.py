@@ -50,6 +50,7 @@ def test_curve_equals_explicit_steps(tiny_train, tiny_test, full_batch):
                                np.sum(got["curve_num_correct"], 0) / total)
 
 
+@pytest.mark.slow  # ~12 s
 def test_fedavg_ft_reports_the_curve_and_keeps_its_scalars(tiny_train, tiny_test):
     kw = dict(batch_size=4, local_steps=3, client_lr=0.1, ft_steps=2, ft_lr=0.2, ft_batch_size=4)
     plain, curved = fedavg_ft(MODEL, **kw), fedavg_ft(MODEL, ft_curve_steps=4, **kw)
