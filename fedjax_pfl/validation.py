@@ -17,6 +17,7 @@ offending argument, field, client or file.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import os
@@ -239,10 +240,11 @@ def _check_leaf_values(leaf, where: str, owner=None) -> None:
     target = jax.dtypes.canonicalize_dtype(leaf.dtype)
     axes = tuple(range(1, leaf.ndim))  # per client (dense) or per stored row (flat)
     if jnp.issubdtype(leaf.dtype, jnp.inexact):
-        xp = np if isinstance(leaf, np.ndarray) else jnp
-        with np.errstate(over="ignore", invalid="ignore"):
-            cast = leaf.astype(target) if xp is np else leaf
-            bad = np.asarray(xp.sum(~xp.isfinite(cast), axis=axes))
+        if isinstance(leaf, np.ndarray):
+            with np.errstate(over="ignore", invalid="ignore"):
+                bad = np.sum(~np.isfinite(leaf.astype(target)), axis=axes)
+        else:  # one fused pass: no [E, ...] temporaries next to a store as large as the RAM
+            bad = np.asarray(_count_nonfinite(leaf))
         problem, what = f"finite values after the cast to {target}", "NaN/Inf values"
     elif jnp.issubdtype(leaf.dtype, jnp.integer) and target != leaf.dtype:
         info = np.iinfo(target)
@@ -259,6 +261,25 @@ def _check_leaf_values(leaf, where: str, owner=None) -> None:
         i = int(clients[0])
         raise ValueError(f"{where}: expected {problem}, got {int(bad[i])} {what} in client "
                          f"{i} ({clients.size} clients affected).")
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _count_nonfinite(leaf: jax.Array, block_values: int = 2**24) -> jax.Array:
+    """NaN/Inf values per client (dense) or per stored row (flat).
+
+    Counted in blocks of about `block_values` values: XLA on CPU does not fuse the
+    count into the row reduction, so one pass would hold an int32 copy of the
+    whole store (4 bytes per value, as large as the data itself).
+    """
+    rows, width = leaf.shape[0], max(1, math.prod(leaf.shape[1:]))
+    block = max(1, min(rows, block_values // width))
+    count = lambda a: jnp.sum(~jnp.isfinite(a), axis=tuple(range(1, a.ndim)), dtype=jnp.int32)
+
+    def body(i, out):  # the last block overlaps its predecessor instead of padding
+        start = jnp.minimum(i * block, rows - block)
+        part = count(jax.lax.dynamic_slice_in_dim(leaf, start, block))
+        return jax.lax.dynamic_update_slice_in_dim(out, part, start, 0)
+    return jax.lax.fori_loop(0, -(-rows // block), body, jnp.zeros(rows, jnp.int32))
 
 
 def _label_range(data: ClientData, owner) -> tuple[np.ndarray, np.ndarray]:

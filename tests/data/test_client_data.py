@@ -122,3 +122,19 @@ def test_pad_clients_and_examples():
         data.pad_clients(2)
     with pytest.raises(ValueError, match="max_examples"):
         data.pad_examples(2)
+
+
+@pytest.mark.parametrize("shape", [(1000, 7), (13, 5, 3), (1, 4)])
+def test_nonfinite_count_in_blocks_matches_numpy(shape):
+    # Stores are checked in blocks (no int32 copy of the whole store); the last
+    # block overlaps its predecessor. Every NaN/Inf is counted once, per row.
+    from fedjax_pfl import validation
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=shape).astype(np.float32)
+    x.flat[rng.choice(x.size, max(1, x.size // 9), replace=False)] = np.nan
+    x.flat[rng.choice(x.size, max(1, x.size // 11), replace=False)] = np.inf
+    want = np.sum(~np.isfinite(x), axis=tuple(range(1, x.ndim)))
+    for block_values in (1, 50, 2**24):
+        got = np.asarray(validation._count_nonfinite(jnp.asarray(x), block_values))
+        np.testing.assert_array_equal(got, want)
