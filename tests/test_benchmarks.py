@@ -15,6 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = {
     "checkpoint_cost": ["--quick"],
+    "cnn_speed": ["--quick"],
     "data_scale": ["--quick"],
     "driver_overhead": ["--quick"],
     "identity": ["--quick", "--check", "benchmarks/results/identity_reference.npz"],

@@ -29,8 +29,9 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from fedjax_pfl.models.layers import Conv, max_pool_2x2
 from fedjax_pfl.models.model import Model, cross_entropy, from_linen, sequence_cross_entropy
-from fedjax_pfl.models.zoo import _check, _check_classes
+from fedjax_pfl.models.zoo import _check, _check_classes, _check_conv
 
 
 def _positive_ints(name, values, length=None):
@@ -58,21 +59,23 @@ class _FemnistCNN(nn.Module):
     image_shape: tuple[int, int, int]
     channels: tuple[int, ...] = (32, 64)
     hidden: int = 2048
+    conv: str = "patches"
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         del train
         x = x.reshape((x.shape[0], *self.image_shape))
         for i, c in enumerate(self.channels):
-            x = nn.Conv(c, (5, 5), padding="SAME", name=f"conv_{i}")(x)
-            x = nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2))
+            x = Conv(c, (5, 5), padding="SAME", impl=self.conv, name=f"conv_{i}")(x)
+            x = max_pool_2x2(nn.relu(x))
         x = x.reshape((x.shape[0], -1))
         x = nn.relu(nn.Dense(self.hidden, name="hidden_0")(x))
         return nn.Dense(self.num_classes, name="head")(x)
 
 
 def femnist_cnn(input_shape: Sequence[int] = (28, 28, 1), num_classes: int = 62, *,
-                channels: Sequence[int] = (32, 64), hidden: int = 2048) -> Model:
+                channels: Sequence[int] = (32, 64), hidden: int = 2048,
+                conv: str = "patches") -> Model:
     """LEAF's FEMNIST CNN for [28, 28, 1] images (or flat [784] rows, as LEAF stores them).
 
     Args:
@@ -80,6 +83,8 @@ def femnist_cnn(input_shape: Sequence[int] = (28, 28, 1), num_classes: int = 62,
       num_classes: 62 for FEMNIST.
       channels: the convolutions' widths (LEAF: 32, 64).
       hidden: the dense layer's width (LEAF: 2048).
+      conv: "patches" (im2col + matmul, fast on CPU in loops and under vmap)
+        or "xla"; same params (`models.layers`).
     """
     shape = tuple(input_shape)
     if len(shape) == 1:
@@ -93,7 +98,8 @@ def femnist_cnn(input_shape: Sequence[int] = (28, 28, 1), num_classes: int = 62,
     _check_classes(num_classes)
     channels = _positive_ints("channels", channels)
     _positive_int("hidden", hidden)
-    return from_linen(_FemnistCNN(num_classes, image, channels, hidden), shape)
+    _check_conv(conv)
+    return from_linen(_FemnistCNN(num_classes, image, channels, hidden, conv), shape)
 
 
 # ---------------------------------------------------------------------------- LSTMs
@@ -230,20 +236,21 @@ class _BasicBlock(nn.Module):
     channels: int
     stride: int
     groups: int
+    conv: str
 
     @nn.compact
     def __call__(self, x):
         def norm(name):
             return nn.GroupNorm(num_groups=_groups(self.groups, self.channels), name=name)
 
-        y = nn.Conv(self.channels, (3, 3), (self.stride, self.stride), padding="SAME",
-                    use_bias=False, name="conv_0")(x)
+        stride = (self.stride, self.stride)
+        y = Conv(self.channels, (3, 3), stride, "SAME", False, self.conv, name="conv_0")(x)
         y = nn.relu(norm("norm_0")(y))
-        y = nn.Conv(self.channels, (3, 3), padding="SAME", use_bias=False, name="conv_1")(y)
+        y = Conv(self.channels, (3, 3), padding="SAME", use_bias=False, impl=self.conv,
+                 name="conv_1")(y)
         y = norm("norm_1")(y)
         if x.shape[-1] != self.channels or self.stride != 1:
-            x = nn.Conv(self.channels, (1, 1), (self.stride, self.stride), use_bias=False,
-                        name="shortcut")(x)
+            x = Conv(self.channels, (1, 1), stride, "SAME", False, self.conv, name="shortcut")(x)
             x = norm("shortcut_norm")(x)
         return nn.relu(x + y)
 
@@ -261,24 +268,27 @@ class _ResNet(nn.Module):
     widths: tuple[int, ...]
     blocks: tuple[int, ...]
     groups: int
+    conv: str = "patches"
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         del train
-        x = nn.Conv(self.widths[0], (3, 3), padding="SAME", use_bias=False, name="stem")(x)
+        x = Conv(self.widths[0], (3, 3), padding="SAME", use_bias=False, impl=self.conv,
+                 name="stem")(x)
         x = nn.relu(nn.GroupNorm(num_groups=_groups(self.groups, self.widths[0]),
                                  name="stem_norm")(x))
         for s, (width, count) in enumerate(zip(self.widths, self.blocks)):
             for b in range(count):
                 stride = 2 if s > 0 and b == 0 else 1
-                x = _BasicBlock(width, stride, self.groups, name=f"stage_{s}_block_{b}")(x)
+                x = _BasicBlock(width, stride, self.groups, self.conv,
+                                name=f"stage_{s}_block_{b}")(x)
         x = jnp.mean(x, axis=(1, 2))
         return nn.Dense(self.num_classes, name="head")(x)
 
 
 def resnet(input_shape: Sequence[int] = (32, 32, 3), num_classes: int = 10, *,
            widths: Sequence[int] = (16, 32, 64), blocks: Sequence[int] = (1, 1, 1),
-           groups: int = 2) -> Model:
+           groups: int = 2, conv: str = "patches") -> Model:
     """A CIFAR ResNet with GroupNorm for [H, W, C] images.
 
     The defaults give ResNet-8 (a stem, three stages of one basic block, the
@@ -291,6 +301,7 @@ def resnet(input_shape: Sequence[int] = (32, 32, 3), num_classes: int = 10, *,
       widths: channels per stage (stages after the first halve H and W).
       blocks: basic blocks per stage (same length as `widths`).
       groups: GroupNorm groups (at most; the largest divisor of the width).
+      conv: "patches" or "xla", as in `femnist_cnn`.
     """
     shape = tuple(input_shape)
     _check("input_shape", input_shape, len(shape) == 3, "[H, W, C]")
@@ -298,4 +309,5 @@ def resnet(input_shape: Sequence[int] = (32, 32, 3), num_classes: int = 10, *,
     widths = _positive_ints("widths", widths)
     blocks = _positive_ints("blocks", blocks, len(widths))
     _positive_int("groups", groups)
-    return from_linen(_ResNet(num_classes, widths, blocks, groups), shape)
+    _check_conv(conv)
+    return from_linen(_ResNet(num_classes, widths, blocks, groups, conv), shape)

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from fedjax_pfl.models.layers import CONV_IMPLS, Conv, max_pool_2x2
 from fedjax_pfl.models.model import Model, from_linen
 
 
@@ -37,13 +38,14 @@ class _MLP(nn.Module):
 
 class _CNN(nn.Module):
     num_classes: int
+    conv: str = "patches"
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         del train
         for i, channels in enumerate((32, 64)):
-            x = nn.Conv(channels, (5, 5), padding="VALID", name=f"conv_{i}")(x)
-            x = nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2))
+            x = Conv(channels, (5, 5), padding="VALID", impl=self.conv, name=f"conv_{i}")(x)
+            x = max_pool_2x2(nn.relu(x))
         x = x.reshape((x.shape[0], -1))
         x = nn.relu(nn.Dense(512, name="hidden_0")(x))
         return nn.Dense(self.num_classes, name="head")(x)
@@ -74,13 +76,14 @@ class _CNNBN(nn.Module):
     num_classes: int
     channels: Sequence[int]
     hidden: int
+    conv: str = "patches"
 
     @nn.compact
     def __call__(self, x, train: bool = False, mask=None):
         for i, channels in enumerate(self.channels):
-            x = nn.Conv(channels, (3, 3), padding="SAME", name=f"conv_{i}")(x)
+            x = Conv(channels, (3, 3), padding="SAME", impl=self.conv, name=f"conv_{i}")(x)
             x = nn.relu(_batch_norm(x, train, mask, f"bn_{i}"))
-            x = nn.max_pool(x, (2, 2), strides=(2, 2))
+            x = max_pool_2x2(x)
         x = x.reshape((x.shape[0], -1))
         x = nn.relu(nn.Dense(self.hidden, name="hidden_0")(x))
         return nn.Dense(self.num_classes, name="head")(x)
@@ -89,6 +92,10 @@ class _CNNBN(nn.Module):
 def _check(name, value, ok, expected):
     if not ok:
         raise ValueError(f"{name}: expected {expected}, got {value!r}.")
+
+
+def _check_conv(conv):
+    _check("conv", conv, conv in CONV_IMPLS, f"one of {CONV_IMPLS} (see models.layers)")
 
 
 def _check_classes(num_classes):
@@ -123,12 +130,18 @@ def mlp(
     return from_linen(_MLP(tuple(hidden), num_classes, activation), tuple(input_shape))
 
 
-def cnn(input_shape: Sequence[int] = (28, 28, 1), num_classes: int = 10) -> Model:
-    """The 2-conv FedAvg CNN for [H, W, C] images (28x28x1 or 32x32x3)."""
+def cnn(input_shape: Sequence[int] = (28, 28, 1), num_classes: int = 10, *,
+        conv: str = "patches") -> Model:
+    """The 2-conv FedAvg CNN for [H, W, C] images (28x28x1 or 32x32x3).
+
+    `conv`: "patches" (im2col + matmul, fast on CPU in loops and under vmap)
+    or "xla" (`lax.conv_general_dilated`); same params (`models.layers`).
+    """
     _check("input_shape", input_shape, len(input_shape) == 3 and min(input_shape[:2]) >= 16,
            "[H, W, C] with H, W >= 16")
     _check_classes(num_classes)
-    return from_linen(_CNN(num_classes), tuple(input_shape))
+    _check_conv(conv)
+    return from_linen(_CNN(num_classes, conv), tuple(input_shape))
 
 
 def mlp_bn(input_shape: Sequence[int], num_classes: int, *,
@@ -141,16 +154,19 @@ def mlp_bn(input_shape: Sequence[int], num_classes: int, *,
 
 
 def cnn_bn(input_shape: Sequence[int] = (28, 28, 1), num_classes: int = 10, *,
-           channels: Sequence[int] = (32, 64), hidden: int = 128) -> Model:
+           channels: Sequence[int] = (32, 64), hidden: int = 128,
+           conv: str = "patches") -> Model:
     """A small CNN for [H, W, C] images: per `channels`, a 3x3 SAME conv, BatchNorm
-    (`bn_i`), ReLU and 2x2 max-pooling; then a ReLU Dense of `hidden` units and a `head`."""
+    (`bn_i`), ReLU and 2x2 max-pooling; then a ReLU Dense of `hidden` units and a `head`.
+    `conv` as in `cnn`."""
     _check("input_shape", input_shape, len(input_shape) == 3
            and min(input_shape[:2]) >= 2 ** len(channels), "[H, W, C] with H, W >= 2**#channels")
     _check_classes(num_classes)
     _check("channels", channels, len(channels) >= 1 and all(isinstance(c, int) and c > 0
                                                             for c in channels), "positive ints")
     _check("hidden", hidden, isinstance(hidden, int) and hidden > 0, "a positive int")
-    return from_linen(_CNNBN(num_classes, tuple(channels), hidden), tuple(input_shape))
+    _check_conv(conv)
+    return from_linen(_CNNBN(num_classes, tuple(channels), hidden, conv), tuple(input_shape))
 
 
 MODELS = {"logreg": logistic_regression, "mlp": mlp, "cnn": cnn, "mlp_bn": mlp_bn,
