@@ -1,6 +1,7 @@
 """FedAvg round time vs the number of clients M, for every execution strategy.
 
-Workload: M Synthetic(1, 1) clients with exactly 64 examples each, MLP 60-64-10,
+Workload: M Synthetic(1, 1) clients with exactly 64 examples each (--examples n:
+n each, batch min(32, n)), MLP 60-64-10,
 FedAvg with full participation, 5 local SGD steps of batch 32, lr 0.05, weights
 n_i. `synthetic(1, 1, K, max_examples_per_client=64)` caps sizes at 64, but its
 sizes start at 50, so ~25 % of clients have < 64 rows: those are dropped (K
@@ -72,14 +73,14 @@ def configurations(chunks, torch_ok: bool) -> list[dict]:
     return cfgs
 
 
-def make_data(m: int, path: str) -> None:
-    """M Synthetic(1,1) clients with exactly N_EXAMPLES rows each, saved as .npz."""
+def make_data(m: int, path: str, n: int = N_EXAMPLES) -> None:
+    """M Synthetic(1,1) clients with exactly n rows each, saved as .npz."""
     from fedjax_pfl.data.datasets import synthetic
 
     k = int(m * 1.5) + 16
     while True:
-        full = [c for c in synthetic(1.0, 1.0, k, seed=SEED, max_examples_per_client=N_EXAMPLES)
-                if len(c["y"]) == N_EXAMPLES]
+        full = [c for c in synthetic(1.0, 1.0, k, seed=SEED, max_examples_per_client=n)
+                if len(c["y"]) == n]
         if len(full) >= m:
             break
         k *= 2
@@ -103,9 +104,9 @@ def _jax_setup(cfg):
     from fedjax_pfl.models.zoo import mlp
     from fedjax_pfl.simulate import seed_keys
 
-    d = np.load(cfg["data"])  # every client has exactly N_EXAMPLES rows (see make_data)
+    d = np.load(cfg["data"])  # every client has exactly cfg["n"] rows (see make_data)
     train = fp.ClientData(examples={"x": d["x"], "y": d["y"]},
-                          num_examples=np.full((d["y"].shape[0],), N_EXAMPLES, np.int32))
+                          num_examples=np.full((d["y"].shape[0],), cfg["n"], np.int32))
     # Straight from NumPy to the final placement (one device copy of the data set).
     train = fp.shard_clients(train) if cfg["strategy"] == "sharded" else jax.device_put(train)
     init_key, seed_key = seed_keys(SEED)
@@ -121,7 +122,7 @@ def worker_jax(cfg) -> dict:
     fp, jax, train, model, init_key, seed_key, keys = _jax_setup(cfg)
     from fedjax_pfl.algorithms.fedavg import fedavg
 
-    algo = fedavg(model, batch_size=BATCH, local_steps=LOCAL_STEPS, client_lr=LR,
+    algo = fedavg(model, batch_size=cfg["batch"], local_steps=LOCAL_STEPS, client_lr=LR,
                   execution=fp.Execution(cfg["strategy"], cfg["chunk"]))
     state = jax.jit(algo.init)(init_key, train)  # eager flax init = dozens of op compiles
     round_jit = jax.jit(algo.round)
@@ -169,13 +170,14 @@ def worker_loop(cfg) -> dict:
     loss_fn, m = local.model_loss_fn(model), train.num_clients
     xs = [train.examples["x"][i] for i in range(m)]  # pre-split device arrays (outside timing)
     ys = [train.examples["y"][i] for i in range(m)]
-    ids, n = [np.int32(i) for i in range(m)], np.int32(N_EXAMPLES)
+    ids, n = [np.int32(i) for i in range(m)], np.int32(cfg["n"])
 
     @functools.partial(jax.jit, donate_argnums=0)
     def client_step(acc, params, client_key, cid, x, y, num):
         data = fp.ClientData(examples={"x": x, "y": y}, num_examples=num)
         res = local.local_train(params, data, jax.random.fold_in(client_key, cid), loss_fn=loss_fn,
-                                optimizer=optax.sgd(LR), batch_size=BATCH, local_steps=LOCAL_STEPS)
+                                optimizer=optax.sgd(LR), batch_size=cfg["batch"],
+                                local_steps=LOCAL_STEPS)
         w, (delta, w_sum, loss_sum) = num.astype(jnp.float32), acc
         delta = jax.tree.map(lambda a, c, s: a + w * (c - s), delta, res.params, params)
         return delta, w_sum + w, loss_sum + w * res.mean_loss()
@@ -221,7 +223,7 @@ def worker_torch(cfg) -> dict:
     torch.set_num_threads(cfg["torch_threads"])
     d = np.load(cfg["data"])
     sim = C.PfllibFedAvg(d["x"], d["y"], C.torch_mlp(FEATURES, (HIDDEN,), CLASSES),
-                         batch_size=BATCH, lr=LR, local_steps=LOCAL_STEPS)
+                         batch_size=cfg["batch"], lr=LR, local_steps=LOCAL_STEPS)
     sim.round()  # warm-up
     times, meter, loss = C.time_calls(sim.round, cfg["rounds"])
     return dict(round_s=C.median(times), round_times=times, cores=meter.cores, others=meter.others,
@@ -332,6 +334,10 @@ def main(argv=None) -> None:
     p.add_argument("--clients", type=int, nargs="+", default=[100, 1000, 10000])
     p.add_argument("--chunks", type=int, nargs="+", default=[16, 32, 50, 64])
     p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--examples", type=int, default=N_EXAMPLES,
+                   help="rows per client (batch = min(32, this))")
+    p.add_argument("--no-loop", action="store_true",
+                   help="skip the per-client loop (b), the correctness reference (large M)")
     p.add_argument("--quick", action="store_true", help="tiny sizes (smoke test, < 60 s)")
     p.add_argument("--only", nargs="*", help="only configurations whose name contains one of these")
     p.add_argument("--wait-quiet", type=float, default=0.0, metavar="S",
@@ -358,15 +364,19 @@ def main(argv=None) -> None:
     cfgs = configurations(a.chunks, torch_ok)
     if a.quick:  # one configuration per worker kind (and shard_map + chunking) keeps it short
         cfgs = [c for c in cfgs if c["name"] in ("vmap", "sharded+chunk 8", "loop", "torch")]
-    if a.only:  # the loop is the correctness reference, so it always runs
+    if a.only:  # the loop is the correctness reference: it runs unless --no-loop
         cfgs = [c for c in cfgs if c["kind"] == "loop" or any(s in c["name"] for s in a.only)]
+    if a.no_loop:
+        cfgs = [c for c in cfgs if c["kind"] != "loop"]
+    batch = min(BATCH, a.examples)
     tmp = tempfile.mkdtemp(prefix="round_speed_")
     specs = []
     for m in a.clients:
         data = os.path.join(tmp, f"data_{m}.npz")
-        make_data(m, data)
+        make_data(m, data, a.examples)
         specs += [dict(c, M=m, label=f"M={m:<6} {c['name']:<18}", tmp=tmp, data=data,
-                       rounds=rounds_for(m, c["kind"], a.quick), torch_threads=a.torch_threads)
+                       rounds=rounds_for(m, c["kind"], a.quick), torch_threads=a.torch_threads,
+                       n=a.examples, batch=batch)
                   for c in cfgs]
     describe = lambda r: (f"round {C.fmt(r['round_s'])} s  scan {C.fmt(r.get('scan_s'))} s  "
                           f"compile {C.fmt(r.get('compile_s'), 3)} s  "
@@ -385,17 +395,18 @@ def main(argv=None) -> None:
     k_rows = k_model_rows(32 if a.quick else a.k_models_clients, 3 if a.quick else 10)
     config = dict(clients=a.clients, chunks=a.chunks, repeats=a.repeats, quick=a.quick,
                   wait_quiet_s=a.wait_quiet, max_others=a.max_others, retries=a.retries,
-                  examples_per_client=N_EXAMPLES, model=f"MLP {FEATURES}-{HIDDEN}-{CLASSES}",
-                  local_steps=LOCAL_STEPS, batch_size=BATCH, client_lr=LR, seed=SEED,
+                  examples_per_client=a.examples, model=f"MLP {FEATURES}-{HIDDEN}-{CLASSES}",
+                  local_steps=LOCAL_STEPS, batch_size=batch, client_lr=LR, seed=SEED,
                   participation="full", torch_threads=a.torch_threads,
-                  data="synthetic(1, 1, max_examples_per_client=64); clients < 64 rows dropped",
+                  data=f"synthetic(1, 1, max_examples_per_client={a.examples}); clients with "
+                       f"fewer rows dropped",
                   command="python benchmarks/round_speed.py " + " ".join(sys.argv[1:]))
     drop = ("data", "tmp", "label")
     C.write_json(a.out, dict(benchmark="round_speed", hardware=C.hardware(), versions=C.versions(),
                              config=config, correctness=correct, headline=heads,
                              targets=dict(TARGETS, **targets), rows=rows, k_models=k_rows,
                              runs=[{k: v for k, v in r.items() if k not in drop} for r in runs]))
-    if any("error" in r for r in runs) or not correct["pass(<1e-5)"]:
+    if any("error" in r for r in runs) or (not a.no_loop and not correct["pass(<1e-5)"]):
         sys.exit(1)
 
 

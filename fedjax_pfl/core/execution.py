@@ -150,26 +150,33 @@ def _split_stores(xs):
     return jax.tree.map(strip, xs, is_leaf=_is_data), stores
 
 
-def _overlapped_reduce(fn, broadcast, xs, chunk: int, reduction: Reduction = SUM):
+def _overlapped_reduce(fn, broadcast, xs, chunk: int, reduction: Reduction = SUM,
+                       valid=None, varying: bool = False):
     """"chunked" when `chunk` does not divide S, without padded copies of xs and ys.
 
     Chunk i covers rows [min(i chunk, S - chunk), + chunk): the last chunk
     overlaps the one before, its rows already counted are masked out of the
-    reduction, and every row's y is written in place into one [S, ...] buffer
-    (the overlapping rows twice, with the same values). Padding instead would
-    copy every leaf of xs and of ys once more per call.
+    reduction (as are rows where `valid` is False), and every row's y is
+    written in place into one [S, ...] buffer (the overlapping rows twice,
+    with the same values). Padding instead would copy every leaf of xs and of
+    ys once more per call. `varying`: inside shard_map (per-device totals).
     """
     size = jax.tree.leaves(xs)[0].shape[0]
     row = jax.tree.map(lambda a: a[0], xs)
     y_shape, z_shape = jax.eval_shape(fn, broadcast, row)
     ys = jax.tree.map(lambda s: jnp.zeros((size,) + s.shape, s.dtype), y_shape)
     total = reduction.identity(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), z_shape))
+    if varying:
+        ys, total = jax.tree.map(lambda a: jax.lax.pcast(a, AXIS, to="varying"), (ys, total))
 
     def body(carry, i):
         total, ys = carry
         start = jnp.minimum(i * chunk, size - chunk)
         x = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, start, chunk), xs)
-        y, z = _vmap_reduce(fn, broadcast, x, start + jnp.arange(chunk) >= i * chunk, reduction)
+        fresh = start + jnp.arange(chunk) >= i * chunk
+        if valid is not None:
+            fresh = fresh & jax.lax.dynamic_slice_in_dim(valid, start, chunk)
+        y, z = _vmap_reduce(fn, broadcast, x, fresh, reduction)
         ys = jax.tree.map(lambda buf, v: jax.lax.dynamic_update_slice_in_dim(buf, v, start, 0),
                           ys, y)
         return (reduction.combine(total, z) if jax.tree.leaves(z) else total, ys), None
@@ -215,7 +222,7 @@ def map_reduce(fn: Callable, broadcast, xs, execution: Execution,
     devices = mesh.devices.size
     block = -(-size // devices)
     chunk = min(chunk or block, block)
-    xs_p, valid = _pad_rows(xs, devices * chunk)
+    xs_p, valid = _pad_rows(xs, devices)  # a copy only when devices does not divide S
 
     def per_device(b, x, v):
         # Replicated inputs must be marked device-varying, or differentiating
@@ -223,6 +230,8 @@ def map_reduce(fn: Callable, broadcast, xs, execution: Execution,
         b = jax.tree.map(lambda a: jax.lax.pcast(a, AXIS, to="varying"), b)
         if chunk == v.shape[0]:
             ys, zs = _vmap_reduce(fn, b, x, v, reduction)
+        elif v.shape[0] % chunk:
+            ys, zs = _overlapped_reduce(fn, b, x, chunk, reduction, valid=v, varying=True)
         else:
             ys, zs = _chunked_reduce(fn, b, x, v, chunk, reduction, varying=True)
         if not jax.tree.leaves(zs):
