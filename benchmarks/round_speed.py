@@ -77,7 +77,7 @@ def make_data(m: int, path: str, n: int = N_EXAMPLES) -> None:
     """M Synthetic(1,1) clients with exactly n rows each, saved as .npz."""
     from fedjax_pfl.data.datasets import synthetic
 
-    k = int(m * 1.5) + 16
+    k = m if n <= 50 else int(m * 1.5) + 16  # its sizes start at 50: n <= 50 keeps all
     while True:
         full = [c for c in synthetic(1.0, 1.0, k, seed=SEED, max_examples_per_client=n)
                 if len(c["y"]) == n]

@@ -243,7 +243,7 @@ def _check_leaf_values(leaf, where: str, owner=None) -> None:
         if isinstance(leaf, np.ndarray):
             with np.errstate(over="ignore", invalid="ignore"):
                 bad = np.sum(~np.isfinite(leaf.astype(target)), axis=axes)
-        else:  # one fused pass: no [E, ...] temporaries next to a store as large as the RAM
+        else:  # in blocks: no [E, ...] temporaries next to a store as large as the RAM
             bad = np.asarray(_count_nonfinite(leaf))
         problem, what = f"finite values after the cast to {target}", "NaN/Inf values"
     elif jnp.issubdtype(leaf.dtype, jnp.integer) and target != leaf.dtype:
