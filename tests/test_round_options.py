@@ -134,6 +134,7 @@ def test_ifca_diagnostics(tiny_train):
     np.testing.assert_array_equal(d["model"], np.argmin(losses, axis=1))
 
 
+@pytest.mark.slow
 def test_fedapm_diagnostics(tiny_train):
     state, new, d = _diag_round(fedapm, tiny_train, clients_per_round=5, **KW)
     for s, i in enumerate(d["clients"]):

@@ -73,6 +73,7 @@ def test_hypcluster_assigns_sampled_clients_to_their_min_loss_hypothesis(tiny_tr
     assert (assignment >= 0).sum() <= 5 and (assignment >= 0).any()
 
 
+@pytest.mark.slow
 def test_fedem_with_one_component_is_fedavg(tiny_train, tiny_test):
     config = {**CONFIG, "local_epochs": 2, "clients_per_round": 5}
     algo = ALGORITHMS["fedem"](MODEL, num_models=1, init="shared", **config)

@@ -53,6 +53,7 @@ def test_fedbn_equals_naive_loop_on_mlp_bn(options):
     assert len(np.unique(var.round(4), axis=0)) >= 3
 
 
+@pytest.mark.slow
 def test_without_batch_norm_fedbn_is_fedavg(tiny_train):
     """Bit-identical op by op (eagerly); jitted, XLA may fuse the two servers' sums differently."""
     config = {**CONFIG, "local_epochs": 1, "clients_per_round": 3}

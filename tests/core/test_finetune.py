@@ -12,7 +12,8 @@ from fedjax_pfl.core import finetune, local
 MODEL = models.mlp((6,), 3, hidden=(8,))
 
 
-@pytest.mark.parametrize("full_batch", [False, True], ids=["minibatch", "full-batch"])
+@pytest.mark.parametrize("full_batch", [False, pytest.param(True, marks=pytest.mark.slow)],
+                         ids=["minibatch", "full-batch"])
 def test_curve_equals_explicit_steps(tiny_train, tiny_test, full_batch):
     params = MODEL.init(jax.random.key(0))
     lr, steps = 0.3, 3

@@ -10,38 +10,37 @@ from fedjax_pfl.models import benchmarks as zoo
 from fedjax_pfl.models.layers import Conv, max_pool_2x2
 
 
-@pytest.mark.parametrize("kernel,strides,padding,shape", [
-    ((5, 5), (1, 1), "VALID", (2, 12, 11, 3)),
-    ((5, 5), (1, 1), "SAME", (2, 9, 10, 2)),
-    ((3, 3), (2, 2), "SAME", (3, 9, 8, 4)),
-    ((1, 1), (2, 2), "SAME", (1, 7, 7, 5)),
-    ((3, 2), (2, 1), "VALID", (2, 8, 9, 1)),
+@pytest.mark.parametrize("kernel,strides,padding,shape,impl", [
+    ((5, 5), (1, 1), "VALID", (2, 12, 11, 3), "patches"),
+    ((5, 5), (1, 1), "SAME", (2, 9, 10, 2), "patches"),
+    ((3, 3), (2, 2), "SAME", (3, 9, 8, 4), "patches"),
+    ((1, 1), (2, 2), "SAME", (1, 7, 7, 5), "patches"),
+    ((3, 2), (2, 1), "VALID", (2, 8, 9, 1), "patches"),
+    ((3, 3), (2, 2), "SAME", (3, 9, 8, 4), "xla"),
 ])
-@pytest.mark.parametrize("impl", ["patches", "xla"])
 def test_conv_matches_flax_conv(kernel, strides, padding, shape, impl):
     x = jax.random.normal(jax.random.key(0), shape)
     ref = nn.Conv(6, kernel, strides, padding=padding)
     ours = Conv(6, kernel, strides, padding, impl=impl)
-    params = ref.init(jax.random.key(1), x)
+    params = jax.jit(ref.init)(jax.random.key(1), x)
     # same parameter tree and the same init values as flax.linen.Conv
-    jax.tree.map(np.testing.assert_array_equal, ours.init(jax.random.key(1), x), params)
+    jax.tree.map(np.testing.assert_array_equal, jax.jit(ours.init)(jax.random.key(1), x), params)
     params = jax.tree.map(lambda p: p + 0.1, params)  # a non-zero bias too
-    want = ref.apply(params, x)
-    np.testing.assert_allclose(ours.apply(params, x), want, rtol=1e-5, atol=1e-5)
-    # gradients too (the backward of the patches is a sum of shifted slices)
-    loss = lambda m: lambda p: (m.apply(p, x) ** 2).sum()
+    # outputs and gradients (the backward of the patches is a sum of shifted slices)
+    run = lambda m: jax.jit(lambda p: (m.apply(p, x), jax.grad(lambda q: (m.apply(q, x) ** 2)
+                                                              .sum())(p)))(params)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4),
-                 jax.grad(loss(ours))(params), jax.grad(loss(ref))(params))
+                 run(ours), run(ref))
 
 
 @pytest.mark.parametrize("shape", [(2, 8, 8, 3), (1, 9, 7, 2)])
 def test_max_pool_matches_flax(shape):
     x = jax.random.normal(jax.random.key(0), shape)
-    want = nn.max_pool(x, (2, 2), strides=(2, 2))
-    np.testing.assert_array_equal(max_pool_2x2(x), want)
-    np.testing.assert_allclose(jax.grad(lambda v: (max_pool_2x2(v) ** 3).sum())(x),
-                               jax.grad(lambda v: (nn.max_pool(v, (2, 2), strides=(2, 2)) ** 3)
-                                        .sum())(x), rtol=1e-6)
+    flax_pool = lambda v: nn.max_pool(v, (2, 2), strides=(2, 2))
+    run = lambda pool: jax.jit(lambda v: (pool(v), jax.grad(lambda u: (pool(u) ** 3).sum())(v)))(x)
+    (ours, d_ours), (want, d_want) = run(max_pool_2x2), run(flax_pool)
+    np.testing.assert_array_equal(ours, want)
+    np.testing.assert_allclose(d_ours, d_want, rtol=1e-6)
 
 
 @pytest.mark.parametrize("build,shape", [
@@ -55,11 +54,14 @@ def test_max_pool_matches_flax(shape):
 ])
 def test_models_agree_across_conv_impls(build, shape):
     patches, xla = build("patches"), build("xla")
-    params = patches.init(jax.random.key(0))
-    jax.tree.map(np.testing.assert_array_equal, params, xla.init(jax.random.key(0)))
-    x = jax.random.normal(jax.random.key(1), (4, *shape))
-    np.testing.assert_allclose(patches.apply(params, {"x": x}, None),
-                               xla.apply(params, {"x": x}, None), rtol=1e-4, atol=1e-5)
+    shapes = jax.eval_shape(patches.init, jax.random.key(0))
+    assert shapes == jax.eval_shape(xla.init, jax.random.key(0))  # the same params
+    rng = np.random.default_rng(0)  # random values (a flax init compiles slowly)
+    params = jax.tree.map(lambda s: 0.3 * rng.standard_normal(s.shape).astype(s.dtype), shapes)
+    batch = {"x": rng.standard_normal((4, *shape)).astype(np.float32)}
+    logits = lambda m: jax.jit(lambda p: m.apply(p, batch, None))(params)
+    want = logits(xla)  # logits of up to ~10^2 here: float32 sums agree to ~1e-6 of that
+    np.testing.assert_allclose(logits(patches), want, atol=1e-5 * np.abs(want).max())
 
 
 def test_conv_option_is_checked():
